@@ -1,0 +1,396 @@
+"""Run configuration: dataclasses loaded from YAML with ``section.field=value`` overrides.
+
+Every field is type-checked and cross-validated up front, so a bad config fails with one
+``ConfigError`` naming the field instead of a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("vanilla", "adaptive", "latent_fixed", "looped", "pause", "pondering")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type, or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # key/value heads (GQA); None = one per query head
+    ffn_hidden_size: int = 688
+    # Embedding rows. None = the tokenizer's vocab padded to make_vocab_size_divisible_by * TP.
+    vocab_size: int | None = None
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # Truncated-normal init std; None = sqrt(2 / (5 * hidden_size)). Output projections are
+    # further divided by sqrt(2 * num_layers).
+    init_std: float | None = None
+    # Token embeddings are multiplied by this. None = sqrt(2.5 * hidden_size), which puts them
+    # on the scale of the final-norm hidden states that latent steps feed back.
+    embedding_multiplier: float | None = 1.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class LatentConfig:
+    method: str = "vanilla"  # one of METHODS
+    max_steps: int = 4  # K_max: all passes including the token pass (= l_max + 1)
+    tau: float = 0.1  # continue to step k+1 iff p_reach^(k+1) > tau
+    adaptive_loss_weight: float = 0.1  # lambda
+    adaptive_loss_beta: float = 1.0  # beta
+    router_bias_init: float = 0.0  # sigmoid(0) = 0.5: gates start undecided
+    attention_backend: str = "sdpa"  # "sdpa" (CPU + reference) or "flex" (GPU)
+    compact: bool = True  # run each step on the active tokens only
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # Layers per pipeline stage; None = an even split.
+    pipeline_layers: list[int] | None = None
+    # Optimizer-state sharding over the data-parallel group: "fsdp2" (ZeRO via FSDP2) or "none".
+    zero: str = "fsdp2"
+    backend: str = "auto"  # "auto" (nccl with CUDA, else gloo), "nccl" or "gloo"
+    timeout_minutes: float = 10.0
+
+
+@dataclass
+class DataConfig:
+    # Megatron-style: ["prefix"] or a blend ["0.7", "prefix_a", "0.3", "prefix_b"].
+    data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    seq_length: int = 256
+    tokenizer_type: str = "sentencepiece"  # "sentencepiece" or "huggingface"
+    tokenizer_model: str | None = None
+    cache_dir: str | None = None  # where sample indices are cached; None = beside the data
+    reset_attention_mask: bool = False  # no attention across EOD inside a packed sample
+    eod_mask_loss: bool = False
+    # Out-of-domain held-out evaluation data (a prefix), reported next to validation.
+    heldout_path: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    train_iters: int = 100
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"  # "cosine", "linear" or "constant"
+    lr_decay_iters: int | None = None  # None = train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    decay_norms_and_embeddings: bool = False
+    seed: int = 1234
+    precision: str = "fp32"  # "fp32" or "bf16" (bf16 compute, fp32 master weights)
+    recompute: bool = False  # activation recompute per transformer block
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 10
+    save: str | None = None
+    save_interval: int = 0  # 0 = save only at the end
+    load: str | None = None
+    keep_last: int = 2
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    wandb_mode: str = "offline"
+    peak_tflops: float | None = None  # per device, for MFU; None = look the device up
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _check_value(where: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` coerced to ``annotation`` (int -> float only), or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(where, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected null")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} at {where}")  # a bug in this module
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of fields, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown field(s) {', '.join(map(str, unknown))}; "
+            f"expected some of: {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _check_value(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Any, source: str = "config") -> Config:
+    """Build and validate a Config from a nested mapping (as read from YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(_SECTIONS)}")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section(s) {', '.join(map(str, unknown))}; "
+            f"expected some of: {', '.join(_SECTIONS)}"
+        )
+    hints = typing.get_type_hints(Config)
+    sections = {name: _build_section(name, hints[name], raw.get(name)) for name in _SECTIONS}
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides (values parsed as YAML) to a nested mapping."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.lr=1e-3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        section = raw.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"override {item!r}: {parts[0]} is not a section")
+        section[parts[1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: Any = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with sections {', '.join(_SECTIONS)}")
+    return config_from_dict(apply_overrides(raw, list(overrides or [])), source)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure names the field(s) and the expected value."""
+    m, lat, par, data, tr = cfg.model, cfg.latent, cfg.parallel, cfg.data, cfg.train
+    for name in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+                 "max_position_embeddings", "make_vocab_size_divisible_by"):
+        _require(getattr(m, name) > 0, f"model.{name}: expected a positive integer")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by "
+             f"model.num_attention_heads ({m.num_attention_heads})")
+    _require(m.head_dim % 2 == 0, f"model head dim ({m.head_dim}) must be even for RoPE")
+    _require(m.kv_heads > 0 and m.num_attention_heads % m.kv_heads == 0,
+             f"model.num_query_groups ({m.num_query_groups}) must divide "
+             f"model.num_attention_heads ({m.num_attention_heads})")
+    _require(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size: expected > 0 or null")
+    _require(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps: > 0")
+    _require(m.init_std is None or m.init_std > 0, "model.init_std: expected > 0 or null")
+    _require(m.embedding_multiplier is None or m.embedding_multiplier > 0,
+             "model.embedding_multiplier: expected > 0 or null")
+
+    _require(lat.method in METHODS, f"latent.method: expected one of {METHODS}, got {lat.method!r}")
+    _require(lat.max_steps >= 1, f"latent.max_steps: expected >= 1, got {lat.max_steps}")
+    _require(0.0 <= lat.tau < 1.0, f"latent.tau: expected 0 <= tau < 1, got {lat.tau}")
+    _require(lat.adaptive_loss_weight >= 0, "latent.adaptive_loss_weight: expected >= 0")
+    _require(lat.adaptive_loss_beta >= 0, "latent.adaptive_loss_beta: expected >= 0")
+    _require(lat.attention_backend in ("sdpa", "flex"),
+             f"latent.attention_backend: expected 'sdpa' or 'flex', got {lat.attention_backend!r}")
+
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    _require(tp >= 1, f"parallel.tensor_model_parallel_size: expected >= 1, got {tp}")
+    _require(pp >= 1, f"parallel.pipeline_model_parallel_size: expected >= 1, got {pp}")
+    _require(m.num_attention_heads % tp == 0,
+             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+             f"parallel.tensor_model_parallel_size ({tp})")
+    _require(m.kv_heads % tp == 0,
+             f"model.num_query_groups ({m.kv_heads}) must be divisible by "
+             f"parallel.tensor_model_parallel_size ({tp})")
+    _require(m.ffn_hidden_size % tp == 0,
+             f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
+             f"parallel.tensor_model_parallel_size ({tp})")
+    _require(m.vocab_size is None or m.vocab_size % tp == 0,
+             f"model.vocab_size ({m.vocab_size}) must be divisible by "
+             f"parallel.tensor_model_parallel_size ({tp})")
+    if par.pipeline_layers is None:
+        _require(m.num_layers % pp == 0,
+                 f"model.num_layers ({m.num_layers}) must be divisible by "
+                 f"parallel.pipeline_model_parallel_size ({pp}), or set parallel.pipeline_layers")
+    else:
+        _require(len(par.pipeline_layers) == pp and all(n > 0 for n in par.pipeline_layers)
+                 and sum(par.pipeline_layers) == m.num_layers,
+                 f"parallel.pipeline_layers ({par.pipeline_layers}): expected {pp} positive "
+                 f"counts summing to model.num_layers ({m.num_layers})")
+    _require(not par.sequence_parallel or tp > 1,
+             "parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1")
+    _require(par.zero in ("fsdp2", "none"), f"parallel.zero: expected 'fsdp2' or 'none', "
+             f"got {par.zero!r}")
+    _require(par.backend in ("auto", "nccl", "gloo"),
+             f"parallel.backend: expected 'auto', 'nccl' or 'gloo', got {par.backend!r}")
+    _require(par.timeout_minutes > 0, "parallel.timeout_minutes: expected > 0")
+
+    _require(data.seq_length > 0, f"data.seq_length: expected > 0, got {data.seq_length}")
+    _require(data.seq_length <= m.max_position_embeddings,
+             f"data.seq_length ({data.seq_length}) exceeds model.max_position_embeddings "
+             f"({m.max_position_embeddings})")
+    _require(data.tokenizer_type in ("sentencepiece", "huggingface"),
+             f"data.tokenizer_type: expected 'sentencepiece' or 'huggingface', "
+             f"got {data.tokenizer_type!r}")
+    parse_split(data.split)
+    if data.data_path:
+        parse_blend(data.data_path)
+
+    _require(tr.micro_batch_size > 0, "train.micro_batch_size: expected > 0")
+    _require(tr.global_batch_size > 0 and tr.global_batch_size % tr.micro_batch_size == 0,
+             f"train.global_batch_size ({tr.global_batch_size}) must be a positive multiple of "
+             f"train.micro_batch_size ({tr.micro_batch_size})")
+    _require(tr.train_iters >= 0, "train.train_iters: expected >= 0")
+    _require(tr.lr > 0 and 0 <= tr.min_lr <= tr.lr,
+             f"train.lr ({tr.lr}) and train.min_lr ({tr.min_lr}): expected 0 <= min_lr <= lr, lr > 0")
+    _require(tr.lr_warmup_iters >= 0, "train.lr_warmup_iters: expected >= 0")
+    _require(tr.lr_decay_style in ("cosine", "linear", "constant"),
+             f"train.lr_decay_style: expected cosine, linear or constant, got {tr.lr_decay_style!r}")
+    _require(tr.weight_decay >= 0, "train.weight_decay: expected >= 0")
+    _require(0 <= tr.adam_beta1 < 1 and 0 <= tr.adam_beta2 < 1,
+             "train.adam_beta1 / train.adam_beta2: expected in [0, 1)")
+    _require(tr.adam_eps > 0, "train.adam_eps: expected > 0")
+    _require(tr.clip_grad >= 0, "train.clip_grad: expected >= 0 (0 disables)")
+    _require(tr.precision in ("fp32", "bf16"),
+             f"train.precision: expected 'fp32' or 'bf16', got {tr.precision!r}")
+    _require(tr.log_interval > 0 and tr.eval_interval >= 0 and tr.eval_iters >= 0,
+             "train.log_interval > 0, train.eval_interval >= 0, train.eval_iters >= 0")
+    _require(tr.save_interval >= 0 and tr.keep_last >= 1,
+             "train.save_interval >= 0 and train.keep_last >= 1")
+    _require(tr.wandb_mode in ("offline", "online", "disabled"),
+             f"train.wandb_mode: expected offline, online or disabled, got {tr.wandb_mode!r}")
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """'969,30,1' -> normalised (train, valid, test) fractions."""
+    try:
+        parts = [float(p) for p in split.split(",")]
+    except ValueError:
+        raise ConfigError(f"data.split ({split!r}): expected three numbers like '969,30,1'") from None
+    parts += [0.0] * (3 - len(parts))
+    _require(len(parts) == 3 and all(p >= 0 and math.isfinite(p) for p in parts) and sum(parts) > 0,
+             f"data.split ({split!r}): expected up to three non-negative numbers with a positive sum")
+    total = sum(parts)
+    return (parts[0] / total, parts[1] / total, parts[2] / total)
+
+
+def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
+    """['p'] -> (['p'], None); ['0.7', 'a', '0.3', 'b'] -> (['a', 'b'], [0.7, 0.3])."""
+    if len(paths) == 1:
+        return list(paths), None
+    _require(len(paths) % 2 == 0,
+             f"data.data_path ({paths}): expected one prefix or weight/prefix pairs")
+    weights, prefixes = [], []
+    for w, p in zip(paths[0::2], paths[1::2]):
+        try:
+            weight = float(w)
+        except ValueError:
+            raise ConfigError(f"data.data_path: blend weight {w!r} is not a number") from None
+        _require(weight >= 0 and math.isfinite(weight),
+                 f"data.data_path: blend weight {w!r} must be >= 0")
+        weights.append(weight)
+        prefixes.append(p)
+    _require(sum(weights) > 0, f"data.data_path ({paths}): blend weights sum to zero")
+    return prefixes, weights

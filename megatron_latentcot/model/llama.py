@@ -1,0 +1,331 @@
+"""Llama decoder on megatron-core tensor-parallel layers, one pipeline stage at a time.
+
+Activations are packed ``[N, 1, H]`` (megatron's ``[s, b, h]`` with the packed token slots as
+the sequence), so sequence parallelism shards the token slots and the latent scheduler can feed
+any subset of tokens through the same layers.
+
+Q/K/V and gate/up are fused column-parallel GEMMs (one all-gather each under sequence
+parallelism). Each fused weight holds, on every TP rank, that rank's slice of each logical
+HF-style weight (``q_proj``, ``k_proj``, ...); :func:`logical_parameters` exposes those
+logical pieces, so initialisation, export and tests are independent of the parallel layout.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_latentcot.config import Config, ModelConfig
+from megatron_latentcot.model.attention import AttentionPlan, attention
+from megatron_latentcot.parallel import ParallelContext
+
+
+def padded_vocab_size(cfg: ModelConfig, tokenizer_vocab: int, tp_size: int) -> int:
+    """The embedding rows: ``model.vocab_size`` or the tokenizer's vocab padded like Megatron."""
+    if cfg.vocab_size is not None:
+        if cfg.vocab_size < tokenizer_vocab:
+            from megatron_latentcot.config import ConfigError
+
+            raise ConfigError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the "
+                              f"tokenizer's vocabulary ({tokenizer_vocab})")
+        return cfg.vocab_size
+    multiple = cfg.make_vocab_size_divisible_by * tp_size
+    return int(math.ceil(tokenizer_vocab / multiple) * multiple)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, sequence_parallel: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden))
+        # Under sequence parallelism each TP rank sees a different token shard, so the
+        # weight's gradient is partial and must be all-reduced over TP (see optimizer.py).
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """HF-style RoPE (rotate-half). Every latent step of token t uses position t."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat([angles, angles], dim=-1)[:, None, :]  # [N, 1, D]
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class FusedColumnParallelLinear(ColumnParallelLinear):
+    """Column-parallel GEMM over several logical weights; each rank holds its slice of each."""
+
+    def __init__(self, hidden: int, parts: dict[str, int], config: ModelParallelConfig):
+        super().__init__(hidden, sum(parts.values()), config=config, init_method=_no_init,
+                         bias=False, gather_output=False)
+        self.parts = parts
+
+
+def _no_init(_: torch.Tensor) -> None:  # weights are initialised by init_weights()
+    pass
+
+
+@dataclass
+class LogicalParameter:
+    """A view of one HF-style weight inside this rank's (possibly fused) parameter."""
+
+    param: nn.Parameter
+    local: torch.Tensor  # this rank's slice (a view into ``param``)
+    shape: tuple[int, ...]  # the full logical shape
+    partition_dim: int | None  # TP-sharded along this dim, None if replicated
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_size: int):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_heads = cfg.num_attention_heads // tp_size
+        self.kv_heads = cfg.kv_heads // tp_size
+        d = self.head_dim
+        self.qkv_proj = FusedColumnParallelLinear(
+            cfg.hidden_size,
+            {"q_proj": cfg.num_attention_heads * d, "k_proj": cfg.kv_heads * d,
+             "v_proj": cfg.kv_heads * d}, mp)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, config=mp,
+                                        init_method=_no_init, bias=False, input_is_parallel=True,
+                                        skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                plan: AttentionPlan, past: tuple[torch.Tensor, torch.Tensor] | None):
+        qkv, _ = self.qkv_proj(x)
+        n, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.view(n, -1, d).split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
+        out = attention(q, keys, values, plan)
+        out, _ = self.o_proj(out.unsqueeze(1))
+        return out, k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        f = cfg.ffn_hidden_size
+        self.gate_up_proj = FusedColumnParallelLinear(cfg.hidden_size,
+                                                      {"gate_proj": f, "up_proj": f}, mp)
+        self.down_proj = RowParallelLinear(f, cfg.hidden_size, config=mp, init_method=_no_init,
+                                           bias=False, input_is_parallel=True,
+                                           skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, _ = self.down_proj(F.silu(gate) * up)
+        return out
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_size: int):
+        super().__init__()
+        sp = mp.sequence_parallel
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, sp)
+        self.self_attn = SelfAttention(cfg, mp, tp_size)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, sp)
+        self.mlp = MLP(cfg, mp)
+
+    def forward(self, x, rope, plan, past=None):
+        """Returns the block output and this call's new keys/values (for the step cache)."""
+        attn_out, k, v = self.self_attn(self.input_layernorm(x), rope, plan, past)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+def stage_layers(num_layers: int, pp_size: int, explicit: list[int] | None) -> list[list[int]]:
+    """Global layer indices of every pipeline stage."""
+    counts = explicit or [num_layers // pp_size] * pp_size
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class LlamaStage(nn.Module):
+    """The layers of one pipeline stage (the whole model when PP = 1).
+
+    The first stage owns the embedding, the last the final norm, LM head and router; layers
+    keep their global index as name so checkpoints do not depend on the pipeline split.
+    """
+
+    def __init__(self, cfg: Config, ctx: ParallelContext, vocab_size: int):
+        super().__init__()
+        m = cfg.model
+        self.cfg = m
+        self.vocab_size = vocab_size
+        self.tp_size = ctx.tp_size
+        self.sequence_parallel = ctx.sequence_parallel
+        self.recompute = cfg.train.recompute
+        self.pre_process, self.post_process = ctx.is_first_stage, ctx.is_last_stage
+        mp = ModelParallelConfig(
+            tensor_model_parallel_size=ctx.tp_size, sequence_parallel=ctx.sequence_parallel,
+            params_dtype=torch.float32, use_cpu_initialization=True, perform_initialization=False,
+            gradient_accumulation_fusion=False,
+        )
+        self.embedding_multiplier = (m.embedding_multiplier if m.embedding_multiplier is not None
+                                     else math.sqrt(2.5 * m.hidden_size))
+        if self.pre_process:
+            self.embed_tokens = VocabParallelEmbedding(
+                vocab_size, m.hidden_size, init_method=_no_init, config=mp,
+                reduce_scatter_embeddings=ctx.sequence_parallel)
+        ids = stage_layers(m.num_layers, ctx.pp_size, cfg.parallel.pipeline_layers)[ctx.pp_rank]
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(m, mp, ctx.tp_size) for i in ids})
+        self.rotary = RotaryEmbedding(m.head_dim, m.rope_theta)
+        if self.post_process:
+            self.norm = RMSNorm(m.hidden_size, m.norm_eps, ctx.sequence_parallel)
+            if not m.tie_embeddings:
+                self.lm_head = ColumnParallelLinear(m.hidden_size, vocab_size, config=mp,
+                                                    init_method=_no_init, bias=False,
+                                                    gather_output=False)
+        _mark_tensor_parallel(self)
+        self.to(ctx.device)
+
+    # -- pieces the schedulers compose -------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Packed token ids [N] -> [N(/tp under SP), 1, H]."""
+        ids = tokens.view(1, -1) if self.sequence_parallel else tokens.view(-1, 1)
+        return self.embed_tokens(ids) * self.embedding_multiplier
+
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
+                   past: list | None = None) -> tuple[torch.Tensor, list]:
+        """Run this stage's blocks. ``past``: per-layer (keys, values) of earlier latent steps.
+
+        Returns the output and the per-layer (k, v) this call produced.
+        """
+        rope = self.rotary(positions)
+        new_kv = []
+        for i, block in enumerate(self.layers.values()):
+            layer_past = None if past is None else past[i]
+            if self.recompute and torch.is_grad_enabled():
+                x, k, v = checkpoint(block, x, rope, plan, layer_past, use_reentrant=False)
+            else:
+                x, k, v = block(x, rope, plan, layer_past)
+            new_kv.append((k, v))
+        return x, new_kv
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """[N(/tp), 1, H] -> vocab-parallel logits [N, 1, V/tp] (gathers tokens under SP)."""
+        if self.cfg.tie_embeddings:
+            from megatron.core.tensor_parallel import (
+                copy_to_tensor_model_parallel_region,
+                gather_from_sequence_parallel_region,
+            )
+
+            z = (gather_from_sequence_parallel_region(z) if self.sequence_parallel
+                 else copy_to_tensor_model_parallel_region(z))
+            return F.linear(z, self.embed_tokens.weight)
+        out, _ = self.lm_head(z)
+        return out
+
+
+# -- layout-independent views, initialisation -----------------------------------------------
+
+def _mark_tensor_parallel(model: nn.Module) -> None:
+    """Tag TP-sharded weights (megatron only does it when it initialises them itself)."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(module.weight, True, 0, 1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(module.weight, True, 1, 1)
+
+
+def logical_parameters(model: nn.Module) -> Iterator[tuple[str, LogicalParameter]]:
+    """Yield (HF-style name, view) for every logical weight held by this rank."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, FusedColumnParallelLinear):
+            base = prefix.rsplit(".", 2)[0] + "."  # drop "qkv_proj." / "gate_up_proj."
+            tp = _tp_size_of(module)
+            offset = 0
+            for part, rows in module.parts.items():
+                local_rows = rows // tp
+                yield f"{base}{part}.weight", LogicalParameter(
+                    module.weight, module.weight[offset:offset + local_rows],
+                    (rows, module.input_size), 0)
+                offset += local_rows
+        else:
+            for pname, p in module.named_parameters(recurse=False):
+                full = list(p.shape)
+                dim = getattr(p, "partition_dim", None) if getattr(
+                    p, "tensor_model_parallel", False) else None
+                if dim is not None:
+                    full[dim] *= _tp_size_of(module)
+                yield f"{prefix}{pname}", LogicalParameter(p, p, tuple(full), dim)
+
+
+def _tp_size_of(module: nn.Module) -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _init_std(name: str, cfg: ModelConfig) -> float | None:
+    """None = ones (norm weights)."""
+    if name.endswith("norm.weight"):
+        return None
+    std = cfg.init_std if cfg.init_std is not None else math.sqrt(2.0 / (5.0 * cfg.hidden_size))
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std /= math.sqrt(2.0 * cfg.num_layers)
+    return std
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Initialise every logical weight from its own seeded generator, then keep this rank's slice.
+
+    The same seed gives the same full model for any TP/PP layout, which is what makes
+    parallel runs comparable with a single process.
+    """
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, lp in logical_parameters(model):
+        std = _init_std(name, cfg)
+        if std is None:
+            lp.local.fill_(1.0)
+            continue
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.empty(lp.shape)
+        nn.init.trunc_normal_(full, std=std, a=-2 * std, b=2 * std, generator=gen)
+        if lp.partition_dim is not None:
+            full = full.chunk(_tp_size_of(model), dim=lp.partition_dim)[tp_rank]
+        lp.local.copy_(full)

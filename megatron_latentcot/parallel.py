@@ -1,0 +1,183 @@
+"""Process groups: torch.distributed + megatron-core ``parallel_state`` on NCCL or gloo.
+
+Rank order follows megatron-core's default (tensor fastest, then data, then pipeline), so
+``global_rank = (pp_rank * dp + dp_rank) * tp + tp_rank``. The FSDP2 device mesh is built with
+the same order and checked against megatron's data-parallel group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_latentcot.config import ConfigError, ParallelConfig
+
+
+class LaunchError(RuntimeError):
+    """The launch environment (ranks, world size, rendezvous) is inconsistent."""
+
+
+def _install_cpu_shim() -> None:
+    """megatron-core's parallel layers allocate on ``torch.cuda.current_device()``.
+
+    Without CUDA that call raises; pointing it at the CPU is all they need to run on gloo.
+    Applied only when CUDA is unavailable, in this one place.
+    """
+    if not torch.cuda.is_available() and not getattr(torch.cuda, "_mlc_cpu_shim", False):
+        torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+        torch.cuda._mlc_cpu_shim = True  # type: ignore[attr-defined]
+
+
+_install_cpu_shim()
+
+import warnings  # noqa: E402
+
+with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed": by design
+    warnings.simplefilter("ignore", UserWarning)
+    from megatron.core import (
+        parallel_state,  # noqa: E402  (needs the shim on CPU)
+        tensor_parallel,  # noqa: E402, F401
+    )
+
+
+@dataclass
+class ParallelContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    sequence_parallel: bool = False
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return parallel_state.get_data_parallel_group()
+
+    def stage_rank(self, pp_rank: int) -> int:
+        """Global rank of the rank holding the same (tp, dp) position on stage ``pp_rank``."""
+        return (pp_rank * self.dp_size + self.dp_rank) * self.tp_size + self.tp_rank
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that prints and writes logs: first of the last stage (it sees the loss)."""
+        return self.rank == (self.pp_size - 1) * self.dp_size * self.tp_size
+
+
+def _env_int(name: str, *fallbacks: str) -> int | None:
+    for key in (name, *fallbacks):
+        if key in os.environ:
+            try:
+                return int(os.environ[key])
+            except ValueError:
+                raise LaunchError(f"environment variable {key}={os.environ[key]!r} is not an "
+                                  "integer") from None
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: ParallelConfig) -> ParallelContext:
+    """Start (or join) the process group from torchrun's or Slurm's environment.
+
+    Without either, starts a world of one on gloo so the same code path runs in a plain
+    ``python`` process.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID")
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    if (rank is None) != (world is None):
+        raise LaunchError("set both RANK and WORLD_SIZE (torchrun does), or neither")
+    if rank is None:
+        rank, world = 0, 1
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    assert world is not None
+    if world > 1 and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
+        raise LaunchError("MASTER_ADDR and MASTER_PORT must be set for a multi-process launch")
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if world % (tp * pp) != 0:
+        raise ConfigError(f"world size {world} is not divisible by parallel."
+                          f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp * pp}")
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=int(max(1, cfg.timeout_minutes)),
+    )
+    dp = world // (tp * pp)
+    ctx = ParallelContext(
+        rank=rank, world_size=world, local_rank=local_rank,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp,
+        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
+        device=device, sequence_parallel=cfg.sequence_parallel,
+    )
+    expected = (ctx.pp_rank * dp + ctx.dp_rank) * tp + ctx.tp_rank
+    if expected != rank:  # our p2p and mesh code rely on this order
+        raise LaunchError(f"unexpected megatron rank order: rank {rank} is tp={ctx.tp_rank} "
+                          f"dp={ctx.dp_rank} pp={ctx.pp_rank}")
+    return ctx
+
+
+def data_parallel_mesh(ctx: ParallelContext):
+    """1-D device mesh over this rank's data-parallel group, for FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.pp_size, ctx.dp_size, ctx.tp_size),
+                            mesh_dim_names=("pp", "dp", "tp"))
+    dp_mesh = mesh["dp"]
+    ours = sorted(dist.get_process_group_ranks(dp_mesh.get_group()))
+    megatron = sorted(dist.get_process_group_ranks(ctx.dp_group))
+    if ours != megatron:
+        raise LaunchError(f"FSDP2 data-parallel mesh {ours} differs from megatron's {megatron}")
+    return dp_mesh
+
+
+def destroy_distributed() -> None:
+    """Tear down cleanly; the barrier avoids an abort at exit with FSDP2 on gloo."""
+    if dist.is_initialized():
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-latentcot",
+    version="0.1.0",
+    description="Megatron-style pretraining of Llama models with token-level adaptive latent CoT",
+    packages=find_packages(include=["megatron_latentcot", "megatron_latentcot.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "megatron-core>=0.12",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tensorboard>=2.14",
+        "zstandard>=0.22",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6", "transformers>=4.45", "safetensors"],
+        "wandb": ["wandb"],
+        "eval": ["lm-eval>=0.4", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mlc-pretrain=megatron_latentcot.pretrain:main",
+            "mlc-preprocess-data=tools.preprocess_data:main",
+        ],
+    },
+)
