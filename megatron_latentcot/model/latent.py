@@ -1,38 +1,232 @@
-"""The step scheduler: runs a micro-batch through a pipeline stage for the configured method.
+"""The latent-step scheduler: token-level adaptive latent CoT on one pipeline stage.
 
-This first version runs the token pass only (method ``vanilla``); the latent steps, router,
-pruning and compaction build on the same stage pieces (embed, run_layers, final_norm, logits).
+Step 1 is the ordinary token pass over all ``B*T`` slots. Step k+1 runs only the tokens still
+active, **compacted** into a dense packed tensor, with ``z^(k)`` (the final-norm output) as
+their whole input and the same RoPE position t. Every layer keeps the K/V of every executed
+(t, k) slot; a query (t_i, k_i) sees key (t_j, k_j) iff same row, t_j <= t_i and k_j <= k_i
+(the cache holds only steps <= k_i), and the same document when documents are masked. Pruned
+tokens' executed K/V stay visible. ``z^f`` mixes each token's states by their exit
+probabilities; one LM head call on ``z^f`` gives the LM loss. See ../shared/METHOD.md.
+
+Methods: ``vanilla`` (K = 1), ``latent_fixed`` (every token K steps, z^f = z^(K)) and
+``adaptive`` (Router + pruning + correctness-aware loss) share this one loop.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from megatron_latentcot.config import Config
+from megatron_latentcot.config import Config, ConfigError
+from megatron_latentcot.flops import latent_train_flops
 from megatron_latentcot.loss import masked_mean, token_cross_entropy
-from megatron_latentcot.model.attention import causal_plan
-from megatron_latentcot.model.llama import LlamaStage
+from megatron_latentcot.model.attention import AttentionPlan, causal_plan
+from megatron_latentcot.model.llama import LlamaStage, upcast
+from megatron_latentcot.model.router import Decision, route
+
+SCHEDULED_METHODS = ("vanilla", "latent_fixed", "adaptive")
+
+
+def rows_layout(row_of: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group packed slots by batch row: ([rows, L] indices into the slots, [rows, L] valid)."""
+    counts = torch.bincount(row_of, minlength=rows)
+    width = int(counts.max().item()) if row_of.numel() else 0
+    order = torch.argsort(row_of, stable=True)
+    sorted_rows = row_of[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(row_of.numel(), device=row_of.device) - starts[sorted_rows]
+    index = torch.zeros(rows, width, dtype=torch.long, device=row_of.device)
+    valid = torch.zeros(rows, width, dtype=torch.bool, device=row_of.device)
+    index[sorted_rows, slot] = order
+    valid[sorted_rows, slot] = True
+    return index, valid
+
+
+def latent_plan(q_slots: torch.Tensor, key_slots: torch.Tensor, key_live: torch.Tensor | None,
+                rows: int, seq: int, doc_ids: torch.Tensor | None) -> AttentionPlan:
+    """The 2-D causal rule for one latent step, laid out per row for SDPA.
+
+    ``q_slots``: token slot (row * seq + t) of each packed query (row-major sorted);
+    ``key_slots``: token slot of each cached key, in cache order; ``key_live``: which cached
+    keys were really executed (None = all; only the uncompacted mode caches dead ones).
+    """
+    q_index, q_valid = rows_layout(q_slots // seq, rows)
+    k_index, k_valid = rows_layout(key_slots // seq, rows)
+    q_pos = (q_slots % seq)[q_index]
+    k_pos = (key_slots % seq)[k_index]
+    mask = q_valid[:, :, None] & k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if key_live is not None:
+        mask &= key_live[k_index][:, None, :]
+    if doc_ids is not None:
+        mask &= doc_ids[q_slots][q_index][:, :, None] == doc_ids[key_slots][k_index][:, None, :]
+    mask[:, :, 0] |= ~q_valid  # padding queries attend to one real key: no all-masked rows
+    return AttentionPlan(rows=rows, q_index=q_index, q_valid=q_valid, k_index=k_index,
+                         mask=mask[:, None])
+
+
+def visible_pairs(plan: AttentionPlan, rows: int, seq: int) -> int:
+    """(query, key) pairs the plan lets attend: the attention FLOPs' true size."""
+    if plan.dense:
+        if plan.mask is None:
+            return rows * seq * (seq + 1) // 2
+        return int(plan.mask.sum().item())
+    assert plan.mask is not None and plan.q_valid is not None
+    return int((plan.mask[:, 0] & plan.q_valid[:, :, None]).sum().item())
+
+
+@dataclass
+class StepRecord:
+    """What one latent step ran: for metrics and exact FLOPs."""
+
+    tokens: int  # token slots computed at this step
+    live: int  # of which really executed (== tokens when compacting)
+    pairs: int  # visible attention pairs
+    gates: torch.Tensor | None = None  # the live tokens' gates (detached)
+
+
+@dataclass
+class LatentOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    adaptive_loss: torch.Tensor
+    steps: torch.Tensor  # [B*T] last executed step of each token
+    records: list[StepRecord] = field(default_factory=list)
+    ptarget_tokens: int = 0  # tokens that went through the per-step p_target head
 
 
 class LatentStepScheduler:
     def __init__(self, stage: LlamaStage, cfg: Config):
         self.stage, self.cfg = stage, cfg
-        if cfg.latent.method != "vanilla":
-            raise NotImplementedError(f"latent.method={cfg.latent.method!r} is not built yet")
+        lat = cfg.latent
+        if lat.method not in SCHEDULED_METHODS:
+            raise ConfigError(f"latent.method={lat.method!r} is not built yet; expected one of "
+                              f"{SCHEDULED_METHODS}")
+        self.max_steps = 1 if lat.method == "vanilla" else lat.max_steps
+        if self.max_steps > 1 and (cfg.parallel.pipeline_model_parallel_size > 1
+                                   or cfg.parallel.sequence_parallel):
+            raise ConfigError(f"latent.method={lat.method!r} with max_steps > 1 does not yet run "
+                              "with pipeline or sequence parallelism; use tensor/data parallel")
 
+    # -- pipeline-stage interface ------------------------------------------------------------
     def stage_forward(self, mb: dict, x: torch.Tensor | None):
         """One stage's pass of micro-batch ``mb``; returns (output or loss, stats)."""
-        stage = self.stage
-        tokens = mb["tokens"]
+        if self.max_steps == 1 and not self.stage.post_process:
+            return self._token_pass(mb, x)[0], {}
+        out = self.forward(mb, x)
+        return out.loss, self.stats(out, mb)
+
+    def _token_pass(self, mb: dict, x: torch.Tensor | None):
+        stage, tokens = self.stage, mb["tokens"]
         rows, seq = tokens.shape
         positions = torch.arange(seq, device=tokens.device).repeat(rows)
         plan = causal_plan(rows, seq, mb.get("doc_ids"))
         h = stage.embed(tokens.reshape(-1)) if stage.pre_process else x
-        h, _ = stage.run_layers(h, positions, plan)
-        if not stage.post_process:
-            return h, {}
-        logits = stage.logits(stage.final_norm(h))
-        ce = token_cross_entropy(logits, mb["labels"].reshape(-1))
-        mask = mb["loss_mask"].reshape(-1)
-        loss = masked_mean(ce, mask)
-        return loss, {"lm_loss": loss.item(), "tokens": float(mask.sum().item())}
+        h, kv = stage.run_layers(h, positions, plan)
+        return h, kv, plan
+
+    # -- the latent loop -------------------------------------------------------------------
+    def forward(self, mb: dict, x: torch.Tensor | None = None) -> LatentOutput:
+        stage, lat = self.stage, self.cfg.latent
+        tokens = mb["tokens"]
+        rows, seq = tokens.shape
+        n, device = rows * seq, tokens.device
+        labels = mb["labels"].reshape(-1)
+        loss_mask = mb["loss_mask"].reshape(-1)
+        doc = mb.get("doc_ids")
+        doc_flat = doc.reshape(-1) if doc is not None else None
+        positions = torch.arange(seq, device=device).repeat(rows)
+
+        h, cache, plan = self._token_pass(mb, x)
+        active = torch.arange(n, device=device)  # token slot of each packed row of h
+        live = None  # uncompacted mode: which active slots really execute this step
+        key_slots, key_live = active, None
+        work = upcast(h).dtype  # routing and mixing precision: float32 (float64 in tests)
+        reach = torch.ones(n, device=device, dtype=work)
+        z_final = torch.zeros(n, 1, h.shape[-1], device=device, dtype=work)
+        steps = torch.ones(n, dtype=torch.long, device=device)
+        adaptive_sum = torch.zeros((), device=device, dtype=work)
+        records, ptarget_tokens = [], 0
+        for k in range(1, self.max_steps + 1):
+            z = stage.final_norm(h)
+            decision, gate = self._decide(z, reach, k)
+            if live is not None:  # dead slots neither exit nor continue
+                decision = Decision(decision.exit * live, decision.reach_next,
+                                    decision.cont & live)
+            n_live = int(live.sum().item()) if live is not None else active.numel()
+            if gate is not None:
+                gate = (gate if live is None else gate[live]).detach()
+            records.append(StepRecord(tokens=active.numel(), live=n_live,
+                                      pairs=visible_pairs(plan, rows, seq), gates=gate))
+            z_final = z_final.index_add(0, active, decision.exit[:, None, None] * upcast(z))
+            cont = decision.cont
+            if not bool(cont.any()):
+                break
+            if lat.method == "adaptive" and lat.adaptive_loss_weight > 0:
+                with torch.no_grad():
+                    p_target = torch.exp(-token_cross_entropy(stage.logits(z[cont]),
+                                                              labels[active[cont]]))
+                ptarget_tokens += int(cont.sum().item())
+                adaptive_sum = adaptive_sum + (loss_mask[active[cont]]
+                                               * p_target.pow(lat.adaptive_loss_beta)
+                                               * decision.reach_next[cont]).sum()
+            steps[active[cont]] = k + 1
+            if lat.compact:
+                active, reach, h_in = active[cont], decision.reach_next[cont], z[cont]
+                key_slots = torch.cat([key_slots, active])
+            else:
+                live, reach, h_in = cont, decision.reach_next, z
+                key_slots = torch.cat([key_slots, active])
+                key_live = torch.cat([key_live if key_live is not None
+                                      else torch.ones(n, dtype=torch.bool, device=device), live])
+            plan = latent_plan(active, key_slots, key_live, rows, seq, doc_flat)
+            h, cache = stage.run_layers(h_in.to(h.dtype), positions[active], plan, past=cache)
+
+        logits = stage.logits(z_final.to(h.dtype))
+        lm_loss = masked_mean(token_cross_entropy(logits, labels), loss_mask)
+        adaptive_loss = adaptive_sum / loss_mask.sum().clamp(min=1.0)
+        loss = lm_loss + lat.adaptive_loss_weight * adaptive_loss if lat.method == "adaptive" \
+            else lm_loss
+        return LatentOutput(loss=loss, lm_loss=lm_loss, adaptive_loss=adaptive_loss,
+                            steps=steps, records=records, ptarget_tokens=ptarget_tokens)
+
+    def _decide(self, z: torch.Tensor, reach: torch.Tensor,
+                k: int) -> tuple[Decision, torch.Tensor | None]:
+        if k == self.max_steps:
+            return route(reach, None, 0.0), None
+        if self.cfg.latent.method == "latent_fixed":  # no router: everyone goes on, exits at K
+            return Decision(exit=torch.zeros_like(reach), reach_next=reach,
+                            cont=torch.ones_like(reach, dtype=torch.bool)), None
+        gate = self.stage.router(z)
+        return route(reach, gate, self.cfg.latent.tau), gate
+
+    # -- metrics --------------------------------------------------------------------------
+    def stat_names(self) -> list[str]:
+        """The keys of :meth:`stats`, known on every rank (all stages reduce them together)."""
+        names = ["lm_loss", "tokens", "mean_steps", "flops"]
+        if self.cfg.latent.method == "adaptive":
+            names += ["adaptive_loss", "gate_mean", "gate_std"]
+        return names + [f"active_frac_step{k}" for k in range(1, self.max_steps + 1)]
+
+    def stats(self, out: LatentOutput, mb: dict) -> dict[str, float]:
+        m = self.cfg.model
+        rows, seq = mb["tokens"].shape
+        n = rows * seq
+        s = {"lm_loss": out.lm_loss.item(), "tokens": float(n),
+             "mean_steps": out.steps.float().mean().item()}
+        if self.cfg.latent.method == "adaptive":
+            s["adaptive_loss"] = out.adaptive_loss.item()
+            gates = [r.gates for r in out.records if r.gates is not None]
+            all_gates = torch.cat(gates) if gates else torch.zeros(1)
+            s["gate_mean"] = all_gates.mean().item()
+            s["gate_std"] = all_gates.std().item() if all_gates.numel() > 1 else 0.0
+        for k in range(1, self.max_steps + 1):
+            live = out.records[k - 1].live if k <= len(out.records) else 0
+            s[f"active_frac_step{k}"] = live / n
+        vocab = self.stage.vocab_size
+        s["flops"] = float(latent_train_flops(
+            m, vocab, [r.tokens for r in out.records], [r.pairs for r in out.records],
+            head_tokens=n, ptarget_tokens=out.ptarget_tokens,
+            router_tokens=sum(r.tokens for r in out.records[:-1])
+            if self.cfg.latent.method == "adaptive" else 0))
+        return s

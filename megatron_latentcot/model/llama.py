@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,13 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_latentcot.config import Config, ModelConfig
 from megatron_latentcot.model.attention import AttentionPlan, attention
+from megatron_latentcot.model.router import Router
 from megatron_latentcot.parallel import ParallelContext
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision -> float32 for numerically sensitive ops; float32/64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def padded_vocab_size(cfg: ModelConfig, tokenizer_vocab: int, tp_size: int) -> int:
@@ -56,7 +62,8 @@ class RMSNorm(nn.Module):
         self.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        xf = upcast(x)
+        return F.rms_norm(xf, (x.shape[-1],), self.weight.to(xf.dtype), self.eps).type_as(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -65,18 +72,19 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+    def forward(self, positions: torch.Tensor,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.double()[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat([angles, angles], dim=-1)[:, None, :]  # [N, 1, D]
-        return emb.cos(), emb.sin()
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+    return (upcast(x) * cos + upcast(rotated) * sin).type_as(x)
 
 
 class FusedColumnParallelLinear(ColumnParallelLinear):
@@ -100,6 +108,13 @@ class LogicalParameter:
     local: torch.Tensor  # this rank's slice (a view into ``param``)
     shape: tuple[int, ...]  # the full logical shape
     partition_dim: int | None  # TP-sharded along this dim, None if replicated
+    # Where ``local`` sits inside ``param`` (a part of a fused weight).
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    def grad(self) -> torch.Tensor | None:
+        """This rank's slice of the logical weight's gradient."""
+        g = self.param.grad
+        return None if g is None else g[self.rows]
 
 
 class SelfAttention(nn.Module):
@@ -123,8 +138,9 @@ class SelfAttention(nn.Module):
         n, d = qkv.shape[0], self.head_dim
         q, k, v = qkv.view(n, -1, d).split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
-        out = attention(q, keys, values, plan)
+        if past is not None:  # earlier latent steps' cache, then this step's keys
+            k, v = torch.cat([past[0], k]), torch.cat([past[1], v])
+        out = attention(q, k, v, plan)
         out, _ = self.o_proj(out.unsqueeze(1))
         return out, k, v
 
@@ -156,7 +172,7 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg, mp)
 
     def forward(self, x, rope, plan, past=None):
-        """Returns the block output and this call's new keys/values (for the step cache)."""
+        """Returns the block output and the keys/values so far (``past`` + this call's)."""
         attn_out, k, v = self.self_attn(self.input_layernorm(x), rope, plan, past)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -208,6 +224,9 @@ class LlamaStage(nn.Module):
                 self.lm_head = ColumnParallelLinear(m.hidden_size, vocab_size, config=mp,
                                                     init_method=_no_init, bias=False,
                                                     gather_output=False)
+            if cfg.latent.method == "adaptive":
+                self.router = Router(m.hidden_size, cfg.latent.router_bias_init,
+                                     ctx.sequence_parallel)
         _mark_tensor_parallel(self)
         self.to(ctx.device)
 
@@ -221,9 +240,9 @@ class LlamaStage(nn.Module):
                    past: list | None = None) -> tuple[torch.Tensor, list]:
         """Run this stage's blocks. ``past``: per-layer (keys, values) of earlier latent steps.
 
-        Returns the output and the per-layer (k, v) this call produced.
+        Returns the output and the per-layer (keys, values) cache including this call's.
         """
-        rope = self.rotary(positions)
+        rope = self.rotary(positions, upcast(x).dtype)
         new_kv = []
         for i, block in enumerate(self.layers.values()):
             layer_past = None if past is None else past[i]
@@ -278,9 +297,9 @@ def logical_parameters(model: nn.Module) -> Iterator[tuple[str, LogicalParameter
             offset = 0
             for part, rows in module.parts.items():
                 local_rows = rows // tp
+                sl = slice(offset, offset + local_rows)
                 yield f"{base}{part}.weight", LogicalParameter(
-                    module.weight, module.weight[offset:offset + local_rows],
-                    (rows, module.input_size), 0)
+                    module.weight, module.weight[sl], (rows, module.input_size), 0, sl)
                 offset += local_rows
         else:
             for pname, p in module.named_parameters(recurse=False):
@@ -289,7 +308,7 @@ def logical_parameters(model: nn.Module) -> Iterator[tuple[str, LogicalParameter
                     p, "tensor_model_parallel", False) else None
                 if dim is not None:
                     full[dim] *= _tp_size_of(module)
-                yield f"{prefix}{pname}", LogicalParameter(p, p, tuple(full), dim)
+                yield f"{prefix}{pname}", LogicalParameter(p, p, tuple(full), dim, slice(None))
 
 
 def _tp_size_of(module: nn.Module) -> int:
@@ -319,6 +338,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for name, lp in logical_parameters(model):
+        if name.endswith("router.bias"):
+            continue  # keeps its configured start (latent.router_bias_init)
         std = _init_std(name, cfg)
         if std is None:
             lp.local.fill_(1.0)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_latentcot.config import Config, ConfigError
-from megatron_latentcot.flops import peak_tflops, vanilla_train_flops
+from megatron_latentcot.flops import peak_tflops
 from megatron_latentcot.model.latent import LatentStepScheduler
 from megatron_latentcot.model.llama import LlamaStage, init_weights, padded_vocab_size
 from megatron_latentcot.parallel import ParallelContext, init_distributed
@@ -80,17 +80,35 @@ class Engine:
         stats = self.run(microbatches, forward_only=False)
         lr = learning_rate(self.cfg.train, self.state.iteration)
         grad_norm, applied = self.optimizer.step(lr)
-        loss = self.dp_mean([s["lm_loss"] for s in stats]) if self.ctx.is_last_stage else math.nan
+        metrics = self.reduce_stats(stats)
         tr = self.cfg.train
-        rows, seq = tr.global_batch_size, self.cfg.data.seq_length
-        flops = vanilla_train_flops(self.cfg.model, self.vocab, rows, seq)
         self.state.iteration += 1
         self.state.consumed_samples += tr.global_batch_size
-        self.state.consumed_tokens += rows * seq
-        self.state.train_flops += flops
+        self.state.consumed_tokens += tr.global_batch_size * self.cfg.data.seq_length
+        self.state.train_flops += metrics["flops"]
         self.state.skipped_iterations += 0 if applied else 1
-        return {"lm_loss": loss, "lr": lr, "grad_norm": grad_norm, "flops": float(flops),
-                "skipped": float(not applied)}
+        return dict(metrics, lr=lr, grad_norm=grad_norm, skipped=float(not applied))
+
+    def reduce_stats(self, stats: list[dict[str, float]]) -> dict[str, float]:
+        """Micro-batch stats -> iteration metrics, identical on every rank.
+
+        Means over micro-batches and DP ranks, except ``flops`` (summed: the iteration's
+        total). Computed on the last stage, then broadcast over the pipeline.
+        """
+        keys = self.scheduler.stat_names()
+        values = torch.zeros(len(keys) + 1, dtype=torch.float64, device=self.ctx.device)
+        if stats and stats[0]:
+            values[:-1] = torch.tensor([sum(s[k] for s in stats) for k in keys],
+                                       dtype=torch.float64)
+            values[-1] = len(stats)
+            if self.ctx.dp_size > 1:
+                dist.all_reduce(values, group=self.ctx.dp_group)
+        if self.ctx.pp_size > 1:  # only the last stage has stats
+            dist.broadcast(values, self.ctx.stage_rank(self.ctx.pp_size - 1),
+                           group=self.ctx.pp_group)
+        count = values[-1].clamp(min=1)
+        return {k: (values[i] if k == "flops" else values[i] / count).item()
+                for i, k in enumerate(keys)}
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[dict]) -> float:

@@ -1,0 +1,222 @@
+"""The latent-step scheduler against the independent float64 definition (tests/reference).
+
+The reference loops over steps and tokens and recomputes attention over exactly the allowed
+(t, k) set; the scheduler caches K/V per step, compacts active tokens and batches rows.
+Both run in float64.
+"""
+
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.reference import RefConfig, run_reference
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+VOCAB = 96
+BASE = ["model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.ffn_hidden_size=48", f"model.vocab_size={VOCAB}",
+        "model.embedding_multiplier=null", "latent.max_steps=4", "data.seq_length=12"]
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    from megatron_latentcot.config import ParallelConfig
+    from megatron_latentcot.parallel import init_distributed
+
+    return init_distributed(ParallelConfig())
+
+
+def build(ctx, overrides, dtype=torch.float64, seed=0):
+    from megatron_latentcot.config import load_config
+    from megatron_latentcot.model.latent import LatentStepScheduler
+    from megatron_latentcot.model.llama import LlamaStage, init_weights
+
+    cfg = load_config(None, BASE + overrides)
+    model = LlamaStage(cfg, ctx, VOCAB)
+    init_weights(model, cfg.model, seed=seed)
+    model.to(dtype)
+    return cfg, model, LatentStepScheduler(model, cfg)
+
+
+def batch(rows=3, seq=12, seed=0, docs=False):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, VOCAB, (rows, seq + 1), generator=g)
+    mask = torch.ones(rows, seq, dtype=torch.float64)
+    mask[0, :2] = 0  # some tokens not counted
+    mb = {"tokens": data[:, :-1], "labels": data[:, 1:], "loss_mask": mask}
+    if docs:
+        mb["doc_ids"] = (torch.arange(seq) >= seq // 3).long().repeat(rows, 1)
+    return mb
+
+
+def reference_run(cfg, model, mb):
+    from megatron_latentcot.model.export import logical_state_dict
+
+    params = {k: v.double().requires_grad_(True) for k, v in logical_state_dict(model).items()}
+    m, lat = cfg.model, cfg.latent
+    ref_cfg = RefConfig(
+        hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_attention_heads,
+        num_kv_heads=m.kv_heads, ffn_hidden_size=m.ffn_hidden_size, vocab_size=VOCAB,
+        rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+        embedding_multiplier=model.embedding_multiplier, max_steps=lat.max_steps, tau=lat.tau,
+        adaptive_loss_weight=lat.adaptive_loss_weight, adaptive_loss_beta=lat.adaptive_loss_beta,
+        tie_embeddings=m.tie_embeddings)
+    out = run_reference(lat.method, params, ref_cfg, mb["tokens"], mb["labels"], mb["loss_mask"],
+                        mb.get("doc_ids"))
+    out["loss"].backward()
+    return out, {k: v.grad for k, v in params.items()}
+
+
+def ours_run(model, sched, mb):
+    from megatron_latentcot.model.llama import logical_parameters
+
+    model.zero_grad(set_to_none=True)
+    out = sched.forward(mb)
+    out.loss.backward()
+    grads = {name: lp.grad().clone() for name, lp in logical_parameters(model)
+             if lp.grad() is not None}
+    return out, grads
+
+
+def assert_grads_close(ours, ref):
+    assert set(ours) == set(k for k, v in ref.items() if v is not None)
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["packed", "doc-masked"])
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "masked"])
+def test_adaptive_equals_definition(ctx, docs, compact):
+    cfg, model, sched = build(ctx, ["latent.method=adaptive", "latent.tau=0.3",
+                                    "latent.adaptive_loss_beta=1.5",
+                                    f"latent.compact={str(compact).lower()}"])
+    mb = batch(docs=docs)
+    ref, ref_grads = reference_run(cfg, model, mb)
+    out, grads = ours_run(model, sched, mb)
+    assert len(torch.unique(ref["steps"])) >= 3  # real pruning: several step counts
+    assert torch.equal(out.steps.view_as(ref["steps"]), ref["steps"])
+    for key in ("lm_loss", "adaptive_loss", "loss"):
+        torch.testing.assert_close(getattr(out, key).double(), ref[key], **TOL)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_latent_fixed_equals_definition(ctx):
+    cfg, model, sched = build(ctx, ["latent.method=latent_fixed", "latent.max_steps=3"])
+    mb = batch(docs=True)
+    ref, ref_grads = reference_run(cfg, model, mb)
+    out, grads = ours_run(model, sched, mb)
+    assert (out.steps == 3).all()
+    torch.testing.assert_close(out.loss.double(), ref["loss"], **TOL)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_compaction_equals_masking_in_float32(ctx):
+    """Same outputs and gradients, compacted or with halted tokens masked out."""
+    results = []
+    for compact in ("true", "false"):
+        cfg, model, sched = build(ctx, ["latent.method=adaptive", "latent.tau=0.3",
+                                        f"latent.compact={compact}"], dtype=torch.float32)
+        results.append(ours_run(model, sched, batch()))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a.steps, b.steps)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_max_steps_one_is_vanilla(ctx):
+    losses = []
+    for method in (["latent.method=vanilla"], ["latent.method=adaptive", "latent.max_steps=1"]):
+        cfg, model, sched = build(ctx, method)
+        out, _ = ours_run(model, sched, batch())
+        losses.append(out.loss)
+        assert (out.steps == 1).all()
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_tau_zero_runs_every_step_and_high_tau_runs_one(ctx):
+    _, _, sched = build(ctx, ["latent.method=adaptive", "latent.tau=0.0"])
+    assert (sched.forward(batch()).steps == 4).all()
+    _, _, sched = build(ctx, ["latent.method=adaptive", "latent.tau=0.99"])
+    out = sched.forward(batch())
+    assert (out.steps == 1).all()
+    assert out.adaptive_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("names,weight", [
+    (["router.weight", "router.bias"], 0.5),  # gates -> reach/exit mixing -> L_LM and L_adaptive
+    (["norm.weight"], 0.0),  # z -> mixing -> L_LM (L_adaptive's p_target is stop-gradient)
+], ids=["router", "final-norm"])
+def test_gradcheck_router_mixing_and_losses(ctx, names, weight):
+    """Finite differences through gates, reach/exit mixing, L_LM and L_adaptive."""
+    from torch.func import functional_call
+
+    cfg, model, sched = build(ctx, ["latent.method=adaptive", "latent.tau=0.3",
+                                    "model.num_layers=1", "latent.max_steps=3",
+                                    f"latent.adaptive_loss_weight={weight}",
+                                    "latent.adaptive_loss_beta=1.5"])
+    mb = batch(rows=2, seq=6)
+    start = tuple(dict(model.named_parameters())[n].detach().clone() for n in names)
+
+    def loss_of(*tensors):
+        params = dict(zip(names, tensors))
+        original = sched.stage
+        sched.stage = _Bound(model, params, functional_call)
+        try:
+            return sched.forward(mb).loss
+        finally:
+            sched.stage = original
+
+    inputs = tuple(t.requires_grad_(True) for t in start)
+    assert torch.autograd.gradcheck(loss_of, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+class _Bound:
+    """The stage with some parameters replaced by given tensors (for gradcheck)."""
+
+    def __init__(self, model, params, functional_call):
+        self._model, self._params, self._call = model, params, functional_call
+
+    def __getattr__(self, name):
+        attr = getattr(self._model, name)
+        if name == "router" and "router.weight" in self._params:
+            return lambda z: self._call(self._model.router, {
+                "weight": self._params["router.weight"], "bias": self._params["router.bias"]}, (z,))
+        if name == "final_norm" and "norm.weight" in self._params:
+            return lambda x: self._call(self._model.norm, {"weight": self._params["norm.weight"]},
+                                        (x,))
+        return attr
+
+
+def test_flops_fall_with_active_tokens(ctx):
+    """Compaction turns pruned tokens into saved matmul FLOPs (PyTorch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, model, sched = build(ctx, ["latent.method=latent_fixed", "latent.max_steps=2"],
+                              dtype=torch.float32)
+    mb = batch(rows=4, seq=12)
+
+    def counted(keep):
+        from megatron_latentcot.model.router import Decision
+
+        def decide(z, reach, k):
+            if k == sched.max_steps:
+                return Decision(reach, torch.zeros_like(reach), torch.zeros_like(reach).bool()), None
+            cont = torch.zeros_like(reach, dtype=torch.bool)
+            cont[::keep] = True  # every keep-th active token survives
+            return Decision(torch.where(cont, 0.0, reach), reach, cont), None
+
+        sched._decide = decide
+        with FlopCounterMode(display=False) as fc:
+            sched.forward(mb).loss.backward()
+        return fc.get_total_flops()
+
+    all_tokens, half = counted(1), counted(2)
+    _, _, one_step = build(ctx, ["latent.method=vanilla"], dtype=torch.float32)
+    with FlopCounterMode(display=False) as fc:
+        one_step.forward(mb).loss.backward()
+    step2_all, step2_half = all_tokens - fc.get_total_flops(), half - fc.get_total_flops()
+    assert step2_all > 0
+    assert abs(step2_half / step2_all - 0.5) < 0.05, (step2_half, step2_all)
