@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -20,7 +21,8 @@ def _worker(fn, rank, world, port, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     try:
-        queue.put((rank, "ok", fn(*args)))
+        # Plain pickle: tensors travel as bytes, not as shared memory that dies with the child.
+        queue.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:  # report everything to the parent, including assertion failures
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -40,7 +42,7 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: flo
             rank, status, value = queue.get(timeout=timeout)
             if status != "ok":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -220,3 +220,33 @@ def test_flops_fall_with_active_tokens(ctx):
     step2_all, step2_half = all_tokens - fc.get_total_flops(), half - fc.get_total_flops()
     assert step2_all > 0
     assert abs(step2_half / step2_all - 0.5) < 0.05, (step2_half, step2_all)
+
+
+def _tp_forward(tp: int) -> dict:
+    from megatron_latentcot.parallel import destroy_distributed, init_distributed
+
+    cfg_overrides = ["latent.method=adaptive", "latent.tau=0.3",
+                     f"parallel.tensor_model_parallel_size={tp}"]
+    from megatron_latentcot.config import load_config
+
+    ctx = init_distributed(load_config(None, BASE + cfg_overrides).parallel)
+    cfg, model, sched = build(ctx, cfg_overrides)
+    out = sched.forward(batch(docs=True))
+    out.loss.backward()
+    router_grad = model.router.weight.grad.clone()
+    destroy_distributed()
+    return {"steps": out.steps, "loss": out.loss.item(), "router_grad": router_grad,
+            "counts": [r.tokens for r in out.records]}
+
+
+def test_tensor_parallel_matches_single_and_agrees_on_active_sets():
+    from tests.dist_utils import run_distributed
+
+    (one,) = run_distributed(_tp_forward, 1, 1)
+    two = run_distributed(_tp_forward, 2, 2)
+    for rank in two:  # identical active sets on both TP ranks, and equal to TP = 1
+        assert torch.equal(rank["steps"], one["steps"])
+        assert rank["counts"] == one["counts"]
+        assert abs(rank["loss"] - one["loss"]) < 1e-12
+        torch.testing.assert_close(rank["router_grad"], one["router_grad"], rtol=1e-9, atol=1e-12)
+    assert len(set(one["counts"])) > 1  # pruning happened

@@ -216,6 +216,8 @@ def build_datasets(
     if weights is not None:  # megatron-core rejects zero weights: leave those prefixes out
         kept = [(p, w) for p, w in zip(prefixes, weights) if w > 0]
         prefixes, weights = [p for p, _ in kept], [w for _, w in kept]
+        if len(prefixes) == 1:  # a blend of one is the dataset itself
+            weights = None
     lengths = []
     for prefix in prefixes:
         info = validate_indexed(prefix)
@@ -249,7 +251,7 @@ def build_datasets(
     config.split_matrix = _check_splits(prefixes, lengths, config.split_matrix, num_samples,
                                         data_cfg.split)
     builder = builder_cls(samples_cls, list(num_samples), lambda: True, config)
-    with _process_group() if len(prefixes) > 1 else contextlib.nullcontext():
+    with _process_group() if weights is not None else contextlib.nullcontext():
         try:
             built = builder.build()
         except IndexError as e:  # BlendedDataset: a blend oversamples one of its datasets

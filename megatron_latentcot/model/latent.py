@@ -138,6 +138,12 @@ class LatentStepScheduler:
         positions = torch.arange(seq, device=device).repeat(rows)
 
         h, cache, plan = self._token_pass(mb, x)
+        if self.max_steps == 1:  # the token pass alone (z^f = z^(1)); token-sharded under SP
+            lm_loss = masked_mean(token_cross_entropy(stage.logits(stage.final_norm(h)), labels),
+                                  loss_mask)
+            return LatentOutput(loss=lm_loss, lm_loss=lm_loss, adaptive_loss=torch.zeros_like(lm_loss),
+                                steps=torch.ones(n, dtype=torch.long, device=device),
+                                records=[StepRecord(n, n, visible_pairs(plan, rows, seq))])
         active = torch.arange(n, device=device)  # token slot of each packed row of h
         live = None  # uncompacted mode: which active slots really execute this step
         key_slots, key_live = active, None

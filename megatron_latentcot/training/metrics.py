@@ -76,7 +76,13 @@ class MetricsLogger:
 
 def format_line(it: int, total: int, s: dict[str, Any]) -> str:
     mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a"
-    return (f"iter {it:>6d}/{total} | tokens {int(s['consumed_tokens']):>10d} | "
+    line = (f"iter {it:>6d}/{total} | tokens {int(s['consumed_tokens']):>10d} | "
             f"loss {s['lm_loss']:.4f} | lr {s['lr']:.3e} | grad_norm {s['grad_norm']:.3f} | "
             f"tok/s {s['tokens_per_s']:,.0f} | TFLOP/s/dev {s['tflops']:.3f} | MFU {mfu} | "
             f"mem {s['peak_mem_gb']:.2f} GB | {s['s_per_iter']:.2f} s/it")
+    fracs = [s[k] for k in sorted(s) if k.startswith("active_frac_step")]
+    if len(fracs) > 1:
+        line += f" | steps {s['mean_steps']:.2f} | active " + "/".join(f"{f:.2f}" for f in fracs)
+    if "adaptive_loss" in s:
+        line += f" | L_adapt {s['adaptive_loss']:.4f} | gate {s['gate_mean']:.2f}±{s['gate_std']:.2f}"
+    return line
