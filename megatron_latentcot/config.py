@@ -89,6 +89,9 @@ class DataConfig:
     cache_dir: str | None = None  # where sample indices are cached; None = beside the data
     reset_attention_mask: bool = False  # no attention across EOD inside a packed sample
     eod_mask_loss: bool = False
+    # A separate validation prefix (e.g. a fixed set of held-out documents). When set, all of
+    # data_path trains and ``split`` is not used.
+    valid_path: str | None = None
     # Out-of-domain held-out evaluation data (a prefix), reported next to validation.
     heldout_path: str | None = None
 

@@ -140,17 +140,23 @@ class Trainer:
         if tr.load:
             self._load(tr.load)
         evals = (tr.train_iters // tr.eval_interval + 1) if tr.eval_interval else 1
+        n_train = tr.train_iters * tr.global_batch_size
         n_eval = evals * tr.eval_iters * tr.global_batch_size
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            data, self.tokenizer, data.seq_length,
-            (tr.train_iters * tr.global_batch_size, n_eval, tr.eval_iters * tr.global_batch_size),
-            tr.seed)
-        self.heldout_ds = None
-        if data.heldout_path:
-            self.heldout_ds = build_datasets(
-                dataclasses.replace(data, data_path=[data.heldout_path], split="1,0,0"),
-                self.tokenizer, data.seq_length, (tr.eval_iters * tr.global_batch_size, 0, 0),
-                tr.seed)[0]
+
+        def whole(paths: list[str], samples: int):  # every document of ``paths`` in one split
+            one = dataclasses.replace(data, data_path=paths, split="1,0,0")
+            return build_datasets(one, self.tokenizer, data.seq_length, (samples, 0, 0),
+                                  tr.seed)[0]
+
+        if data.valid_path:
+            self.train_ds = whole(data.data_path, n_train)
+            self.valid_ds = whole([data.valid_path], n_eval) if n_eval else None
+        else:
+            self.train_ds, self.valid_ds, _ = build_datasets(
+                data, self.tokenizer, data.seq_length,
+                (n_train, n_eval, tr.eval_iters * tr.global_batch_size), tr.seed)
+        self.heldout_ds = (whole([data.heldout_path], tr.eval_iters * tr.global_batch_size)
+                           if data.heldout_path and tr.eval_iters else None)
         log_dir = Path(tr.save) if tr.save else None
         self.log = MetricsLogger(cfg, ctx.is_logging_rank, log_dir)
         self.peak = peak_tflops(torch.cuda.get_device_name(ctx.device)
