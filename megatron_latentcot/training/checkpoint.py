@@ -195,6 +195,8 @@ def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]} (a different model shape?)")
     for name, value in state.items():
+        if not torch.is_tensor(current[name]):  # megatron layers' empty ``_extra_state``
+            continue
         target = _local(current[name])
         if target.shape != value.shape:
             raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
