@@ -4,7 +4,7 @@ setup(
     name="megatron-latentcot",
     version="0.1.0",
     description="Megatron-style pretraining of Llama models with token-level adaptive latent CoT",
-    packages=find_packages(include=["megatron_latentcot", "megatron_latentcot.*"]),
+    packages=find_packages(include=["megatron_latentcot", "megatron_latentcot.*", "tools"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
@@ -25,6 +25,9 @@ setup(
         "console_scripts": [
             "mlc-pretrain=megatron_latentcot.pretrain:main",
             "mlc-preprocess-data=tools.preprocess_data:main",
+            "mlc-merge-datasets=tools.merge_datasets:main",
+            "mlc-train-tokenizer=tools.train_tokenizer:main",
+            "mlc-prepare-corpus=tools.prepare_corpus:main",
         ],
     },
 )

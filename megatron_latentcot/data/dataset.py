@@ -221,7 +221,9 @@ def build_datasets(
     lengths = []
     for prefix in prefixes:
         info = validate_indexed(prefix)
-        check_tokenizer(prefix, tokenizer)
+        if not check_tokenizer(prefix, tokenizer):
+            logger.warning("%s has no .meta.json (not written by tools/preprocess_data.py?): "
+                           "cannot check that it was built with %s", prefix, tokenizer.path)
         if info.tokens == 0:
             raise DatasetError(f"{prefix}: dataset holds no tokens (empty input?)")
         lengths.append(open_indexed(prefix, validate=False).sequence_lengths)  # a copy
@@ -256,6 +258,12 @@ def build_datasets(
             built = builder.build()
         except IndexError as e:  # BlendedDataset: a blend oversamples one of its datasets
             raise DatasetError(f"cannot blend {data_cfg.data_path}: {e}") from None
+        except (ValueError, EOFError, OSError) as e:
+            # megatron-core writes its .npy cache in place and treats "all files exist" as a
+            # hit, so a build killed mid-write leaves a cache that fails to load.
+            raise DatasetError(
+                f"loading or writing the sample index cache in {cache_dir} failed ({e}); if an "
+                "earlier build was interrupted, delete that directory and retry") from None
     out = [None if d is None else SampleDataset(d, name) for d, name in zip(built, SPLITS)]
     return out[0], out[1], out[2]
 
