@@ -334,6 +334,11 @@ def validate(cfg: Config) -> None:
     _require(data.seq_length <= m.max_position_embeddings,
              f"data.seq_length ({data.seq_length}) exceeds model.max_position_embeddings "
              f"({m.max_position_embeddings})")
+    if lat.method == "pause":
+        _require(data.seq_length * lat.max_steps <= m.max_position_embeddings,
+                 f"data.seq_length x latent.max_steps ({data.seq_length * lat.max_steps}) exceeds "
+                 f"model.max_position_embeddings ({m.max_position_embeddings}): pause tokens "
+                 "lengthen the sequence K-fold")
     _require(data.tokenizer_type in ("sentencepiece", "huggingface"),
              f"data.tokenizer_type: expected 'sentencepiece' or 'huggingface', "
              f"got {data.tokenizer_type!r}")

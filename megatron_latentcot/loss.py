@@ -14,26 +14,39 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 
+def _shifted_exp_sum(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits - global max, global sum of exp) over the vocab-parallel last dimension."""
+    shift = logits.detach().max(dim=-1, keepdim=True).values
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX,
+                        group=parallel_state.get_tensor_model_parallel_group())
+    shifted = logits - shift
+    return shifted, reduce_from_tensor_model_parallel_region(shifted.exp().sum(dim=-1))
+
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token CE. logits: [N, 1, V/tp] vocab-parallel; labels: [N] -> [N]."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     logits = logits.reshape(labels.numel(), -1)
     labels = labels.reshape(-1)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return F.cross_entropy(logits, labels, reduction="none")
     part = logits.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * part
-    shift = logits.detach().max(dim=-1, keepdim=True).values
-    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
-    shifted = logits - shift
-    sum_exp = reduce_from_tensor_model_parallel_region(shifted.exp().sum(dim=-1))
+    shifted, sum_exp = _shifted_exp_sum(logits)
     local = labels - start
     mine = (local >= 0) & (local < part)
     target = shifted.gather(-1, local.clamp(0, part - 1)[:, None])[:, 0] * mine
-    target = reduce_from_tensor_model_parallel_region(target)
-    return sum_exp.log() - target
+    return sum_exp.log() - reduce_from_tensor_model_parallel_region(target)
+
+
+def vocab_parallel_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the full vocabulary; returns this rank's slice [..., V/tp]."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    shifted, sum_exp = _shifted_exp_sum(logits)
+    return shifted.exp() / sum_exp.unsqueeze(-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

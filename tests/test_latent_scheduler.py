@@ -250,3 +250,22 @@ def test_tensor_parallel_matches_single_and_agrees_on_active_sets():
         assert abs(rank["loss"] - one["loss"]) < 1e-12
         torch.testing.assert_close(rank["router_grad"], one["router_grad"], rtol=1e-9, atol=1e-12)
     assert len(set(one["counts"])) > 1  # pruning happened
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["packed", "doc-masked"])
+@pytest.mark.parametrize("method", ["looped", "pondering", "pause"])
+def test_baselines_equal_definition(ctx, method, docs):
+    cfg, model, sched = build(ctx, [f"latent.method={method}", "latent.max_steps=3",
+                                    "model.max_position_embeddings=64"])
+    mb = batch(docs=docs)
+    ref, ref_grads = reference_run(cfg, model, mb)
+    out, grads = ours_run(model, sched, mb)
+    torch.testing.assert_close(out.loss, ref["loss"], **TOL)
+    assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("method", ["looped", "pondering", "pause", "latent_fixed"])
+def test_one_step_baselines_are_vanilla(ctx, method):
+    _, _, vanilla = build(ctx, ["latent.method=vanilla"])
+    _, _, other = build(ctx, [f"latent.method={method}", "latent.max_steps=1"])
+    assert torch.equal(vanilla.forward(batch()).loss, other.forward(batch()).loss)

@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_latentcot.config import Config, ConfigError
+from megatron_latentcot.config import METHODS, Config, ConfigError
 from megatron_latentcot.flops import latent_train_flops
 from megatron_latentcot.loss import masked_mean, token_cross_entropy
+from megatron_latentcot.model import baselines
 from megatron_latentcot.model.attention import AttentionPlan, causal_plan
 from megatron_latentcot.model.llama import LlamaStage, upcast
 from megatron_latentcot.model.router import Decision, route
-
-SCHEDULED_METHODS = ("vanilla", "latent_fixed", "adaptive")
 
 
 def rows_layout(row_of: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,15 +92,15 @@ class LatentOutput:
     steps: torch.Tensor  # [B*T] last executed step of each token
     records: list[StepRecord] = field(default_factory=list)
     ptarget_tokens: int = 0  # tokens that went through the per-step p_target head
+    head_tokens: int | None = None  # LM-head-sized matmuls with gradient (None = one per token)
 
 
 class LatentStepScheduler:
     def __init__(self, stage: LlamaStage, cfg: Config):
         self.stage, self.cfg = stage, cfg
         lat = cfg.latent
-        if lat.method not in SCHEDULED_METHODS:
-            raise ConfigError(f"latent.method={lat.method!r} is not built yet; expected one of "
-                              f"{SCHEDULED_METHODS}")
+        if lat.method not in METHODS:
+            raise ConfigError(f"latent.method: expected one of {METHODS}, got {lat.method!r}")
         self.max_steps = 1 if lat.method == "vanilla" else lat.max_steps
         if self.max_steps > 1 and (cfg.parallel.pipeline_model_parallel_size > 1
                                    or cfg.parallel.sequence_parallel):
@@ -137,6 +136,8 @@ class LatentStepScheduler:
         doc_flat = doc.reshape(-1) if doc is not None else None
         positions = torch.arange(seq, device=device).repeat(rows)
 
+        if lat.method in ("looped", "pondering", "pause") and self.max_steps > 1:
+            return self._baseline(mb)
         h, cache, plan = self._token_pass(mb, x)
         if self.max_steps == 1:  # the token pass alone (z^f = z^(1)); token-sharded under SP
             lm_loss = masked_mean(token_cross_entropy(stage.logits(stage.final_norm(h)), labels),
@@ -196,6 +197,21 @@ class LatentStepScheduler:
         return LatentOutput(loss=loss, lm_loss=lm_loss, adaptive_loss=adaptive_loss,
                             steps=steps, records=records, ptarget_tokens=ptarget_tokens)
 
+    def _baseline(self, mb: dict) -> LatentOutput:
+        method, k = self.cfg.latent.method, self.max_steps
+        rows, seq = mb["tokens"].shape
+        n = rows * seq
+        loss, plan = getattr(baselines, method)(self.stage, mb, k)
+        if method == "pause":  # one pass over the K-times longer sequence
+            records = [StepRecord(n * k, n * k, visible_pairs(plan, rows, seq * k))]
+        else:
+            records = [StepRecord(n, n, visible_pairs(plan, rows, seq))] * k
+        # pondering: K-1 extra LM heads and K-1 expected-embedding matmuls, all with gradient
+        head_tokens = n * (2 * k - 1) if method == "pondering" else n
+        steps = torch.full((n,), k, dtype=torch.long, device=mb["tokens"].device)
+        return LatentOutput(loss=loss, lm_loss=loss, adaptive_loss=torch.zeros_like(loss),
+                            steps=steps, records=records, head_tokens=head_tokens)
+
     def _decide(self, z: torch.Tensor, reach: torch.Tensor,
                 k: int) -> tuple[Decision, torch.Tensor | None]:
         if k == self.max_steps:
@@ -232,7 +248,7 @@ class LatentStepScheduler:
         vocab = self.stage.vocab_size
         s["flops"] = float(latent_train_flops(
             m, vocab, [r.tokens for r in out.records], [r.pairs for r in out.records],
-            head_tokens=n, ptarget_tokens=out.ptarget_tokens,
+            head_tokens=out.head_tokens or n, ptarget_tokens=out.ptarget_tokens,
             router_tokens=sum(r.tokens for r in out.records[:-1])
             if self.cfg.latent.method == "adaptive" else 0))
         return s

@@ -87,6 +87,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (upcast(x) * cos + upcast(rotated) * sin).type_as(x)
 
 
+class Embedding(VocabParallelEmbedding):
+    """Vocab-parallel embedding that can also embed a distribution over the vocabulary.
+
+    ``forward(probs, soft=True)`` returns ``probs @ E`` (pondering's expected embedding); going
+    through ``forward`` keeps FSDP2's gather of the weight on the same path as token lookups.
+    """
+
+    def forward(self, input_: torch.Tensor, soft: bool = False) -> torch.Tensor:
+        if not soft:
+            return super().forward(input_)
+        from megatron.core.tensor_parallel import (
+            reduce_from_tensor_model_parallel_region,
+            reduce_scatter_to_sequence_parallel_region,
+        )
+
+        partial = input_ @ self.weight.to(input_.dtype)  # [N, 1, V/tp] @ [V/tp, H]
+        if self.reduce_scatter_embeddings:
+            return reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
+        return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+
+
 class FusedColumnParallelLinear(ColumnParallelLinear):
     """Column-parallel GEMM over several logical weights; each rank holds its slice of each."""
 
@@ -212,9 +233,11 @@ class LlamaStage(nn.Module):
         self.embedding_multiplier = (m.embedding_multiplier if m.embedding_multiplier is not None
                                      else math.sqrt(2.5 * m.hidden_size))
         if self.pre_process:
-            self.embed_tokens = VocabParallelEmbedding(
+            self.embed_tokens = Embedding(
                 vocab_size, m.hidden_size, init_method=_no_init, config=mp,
                 reduce_scatter_embeddings=ctx.sequence_parallel)
+            if cfg.latent.method == "pause":  # one learnable embedding per pause slot
+                self.pause_embeddings = nn.Embedding(cfg.latent.max_steps - 1, m.hidden_size)
         ids = stage_layers(m.num_layers, ctx.pp_size, cfg.parallel.pipeline_layers)[ctx.pp_rank]
         self.layers = nn.ModuleDict({str(i): TransformerBlock(m, mp, ctx.tp_size) for i in ids})
         self.rotary = RotaryEmbedding(m.head_dim, m.rope_theta)
@@ -235,6 +258,10 @@ class LlamaStage(nn.Module):
         """Packed token ids [N] -> [N(/tp under SP), 1, H]."""
         ids = tokens.view(1, -1) if self.sequence_parallel else tokens.view(-1, 1)
         return self.embed_tokens(ids) * self.embedding_multiplier
+
+    def embed_distribution(self, probs: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel probabilities [N, 1, V/tp] -> expected scaled embedding [N(/tp), 1, H]."""
+        return self.embed_tokens(probs, soft=True) * self.embedding_multiplier
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
                    past: list | None = None) -> tuple[torch.Tensor, list]:

@@ -1,0 +1,69 @@
+"""Recurrent baselines on the same stage pieces as the latent scheduler (../shared/METHOD.md).
+
+- ``looped``: the whole layer stack applied K times to the full sequence with shared weights;
+  causal attention within each repeat, no K/V across repeats, final norm once.
+- ``pondering`` (PonderLM): K passes; pass j+1's input at t is the scaled token embedding plus
+  the expected scaled embedding under pass j's next-token distribution; final pass predicts.
+- ``pause``: K-1 learnable pause embeddings after every token (sequence x K, positions
+  0..TK-1); the prediction for token t's target is read at its last pause slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_latentcot.loss import masked_mean, token_cross_entropy, vocab_parallel_softmax
+from megatron_latentcot.model.attention import causal_plan
+from megatron_latentcot.model.llama import LlamaStage
+
+
+def _batch(mb: dict):
+    tokens = mb["tokens"]
+    rows, seq = tokens.shape
+    positions = torch.arange(seq, device=tokens.device).repeat(rows)
+    return tokens, rows, seq, positions, causal_plan(rows, seq, mb.get("doc_ids"))
+
+
+def _lm_loss(stage: LlamaStage, z: torch.Tensor, mb: dict) -> torch.Tensor:
+    ce = token_cross_entropy(stage.logits(z), mb["labels"].reshape(-1))
+    return masked_mean(ce, mb["loss_mask"].reshape(-1))
+
+
+# Each returns (LM loss, the attention plan every pass used).
+
+def looped(stage: LlamaStage, mb: dict, repeats: int):
+    tokens, rows, seq, positions, plan = _batch(mb)
+    h = stage.embed(tokens.reshape(-1))
+    for _ in range(repeats):
+        h, _ = stage.run_layers(h, positions, plan)
+    return _lm_loss(stage, stage.final_norm(h), mb), plan
+
+
+def pondering(stage: LlamaStage, mb: dict, passes: int):
+    tokens, rows, seq, positions, plan = _batch(mb)
+    e = stage.embed(tokens.reshape(-1))
+    h, _ = stage.run_layers(e, positions, plan)
+    for _ in range(passes - 1):
+        probs = vocab_parallel_softmax(stage.logits(stage.final_norm(h)))
+        h, _ = stage.run_layers(e + stage.embed_distribution(probs.to(e.dtype)), positions, plan)
+    return _lm_loss(stage, stage.final_norm(h), mb), plan
+
+
+def pause(stage: LlamaStage, mb: dict, slots: int):
+    """``slots`` = K: each token followed by K-1 pause embeddings."""
+    tokens = mb["tokens"]
+    rows, seq = tokens.shape
+    e = stage.embed(tokens.reshape(-1))  # [B*T, 1, H]
+    h_dim = e.shape[-1]
+    if slots > 1:
+        pauses = stage.pause_embeddings.weight.to(e.dtype)  # [K-1, H]
+        e = torch.cat([e, pauses[None].expand(e.shape[0], -1, -1)], dim=1)  # [B*T, K, H]
+    e = e.reshape(rows * seq * slots, 1, h_dim)
+    long_seq = seq * slots
+    positions = torch.arange(long_seq, device=tokens.device).repeat(rows)
+    doc = mb.get("doc_ids")
+    doc = doc.repeat_interleave(slots, dim=1) if doc is not None else None
+    plan = causal_plan(rows, long_seq, doc)
+    h, _ = stage.run_layers(e, positions, plan)
+    z = stage.final_norm(h).view(rows * seq, slots, 1, h_dim)[:, -1]  # last slot of each token
+    return _lm_loss(stage, z, mb), plan
