@@ -81,7 +81,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     # Megatron-style: ["prefix"] or a blend ["0.7", "prefix_a", "0.3", "prefix_b"].
-    data_path: list[str] = field(default_factory=list)
+    data_path: list[str | float] = field(default_factory=list)
     split: str = "969,30,1"
     seq_length: int = 256
     tokenizer_type: str = "sentencepiece"  # "sentencepiece" or "huggingface"
@@ -384,10 +384,11 @@ def parse_split(split: str) -> tuple[float, float, float]:
     return (parts[0] / total, parts[1] / total, parts[2] / total)
 
 
-def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
-    """['p'] -> (['p'], None); ['0.7', 'a', '0.3', 'b'] -> (['a', 'b'], [0.7, 0.3])."""
+def parse_blend(paths: list[str | float]) -> tuple[list[str], list[float] | None]:
+    """['p'] -> (['p'], None); [0.7, 'a', '0.3', 'b'] -> (['a', 'b'], [0.7, 0.3])."""
     if len(paths) == 1:
-        return list(paths), None
+        _require(isinstance(paths[0], str), f"data.data_path ({paths}): expected a prefix")
+        return [str(paths[0])], None
     _require(len(paths) % 2 == 0,
              f"data.data_path ({paths}): expected one prefix or weight/prefix pairs")
     weights, prefixes = [], []
@@ -398,7 +399,9 @@ def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
             raise ConfigError(f"data.data_path: blend weight {w!r} is not a number") from None
         _require(weight >= 0 and math.isfinite(weight),
                  f"data.data_path: blend weight {w!r} must be >= 0")
+        _require(isinstance(p, str), f"data.data_path: expected a prefix after weight {w!r}, "
+                 f"got {p!r}")
         weights.append(weight)
-        prefixes.append(p)
+        prefixes.append(str(p))
     _require(sum(weights) > 0, f"data.data_path ({paths}): blend weights sum to zero")
     return prefixes, weights

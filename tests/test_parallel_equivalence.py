@@ -110,3 +110,7 @@ def test_zero_shards_optimizer_state(single):
     assert full == 2 * single["params"]
     for r in sharded:
         assert abs(r["opt_numel"] - full / 2) <= 0.02 * full, (r["opt_numel"], full)
+
+
+def test_activation_recompute_changes_nothing(single):
+    _check(run_distributed(train_three_steps, 1, ["train.recompute=true"]), single)
