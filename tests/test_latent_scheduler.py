@@ -269,3 +269,34 @@ def test_one_step_baselines_are_vanilla(ctx, method):
     _, _, vanilla = build(ctx, ["latent.method=vanilla"])
     _, _, other = build(ctx, [f"latent.method={method}", "latent.max_steps=1"])
     assert torch.equal(vanilla.forward(batch()).loss, other.forward(batch()).loss)
+
+
+@pytest.mark.parametrize("method", ["adaptive", "pause"])
+def test_flex_backend_forward_equals_sdpa(ctx, method):
+    """flex_attention (block mask from the rule) == SDPA (dense boolean mask), forward on CPU."""
+    outs = []
+    for backend in ("sdpa", "flex"):
+        _, _, sched = build(ctx, [f"latent.method={method}", "latent.tau=0.3",
+                                  "latent.max_steps=3", "model.max_position_embeddings=64",
+                                  f"latent.attention_backend={backend}"], dtype=torch.float32)
+        with torch.no_grad():
+            outs.append(sched.forward(batch(docs=True)))
+    assert torch.equal(outs[0].steps, outs[1].steps)
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, rtol=1e-5, atol=1e-6)
+
+
+def test_visible_pairs_counts_the_mask():
+    """The binary-search pair count equals the SDPA mask's count on random 2-D plans."""
+    from megatron_latentcot.model.attention import _sdpa_layout, latent_plan, visible_pairs
+
+    g = torch.Generator().manual_seed(0)
+    rows, seq = 3, 10
+    doc = torch.cumsum(torch.rand(rows, seq, generator=g) < 0.2, dim=1)
+    slots = torch.arange(rows * seq)
+    step2 = slots[torch.rand(rows * seq, generator=g) < 0.6]
+    step3 = step2[torch.rand(step2.numel(), generator=g) < 0.5]
+    keys = torch.cat([slots, step2, step3])
+    for live in (None, torch.rand(keys.numel(), generator=g) < 0.8):
+        plan = latent_plan(step3, keys, live, rows, seq, doc)
+        _, q_valid, _, mask = _sdpa_layout(plan)
+        assert visible_pairs(plan) == int((mask[:, 0] & q_valid[:, :, None]).sum())

@@ -17,11 +17,12 @@ from megatron_latentcot.model.attention import causal_plan
 from megatron_latentcot.model.llama import LlamaStage
 
 
-def _batch(mb: dict):
+def _batch(stage: LlamaStage, mb: dict):
     tokens = mb["tokens"]
     rows, seq = tokens.shape
     positions = torch.arange(seq, device=tokens.device).repeat(rows)
-    return tokens, rows, seq, positions, causal_plan(rows, seq, mb.get("doc_ids"))
+    return tokens, rows, seq, positions, causal_plan(rows, seq, mb.get("doc_ids"),
+                                                     stage.attention_backend)
 
 
 def _lm_loss(stage: LlamaStage, z: torch.Tensor, mb: dict) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _lm_loss(stage: LlamaStage, z: torch.Tensor, mb: dict) -> torch.Tensor:
 # Each returns (LM loss, the attention plan every pass used).
 
 def looped(stage: LlamaStage, mb: dict, repeats: int):
-    tokens, rows, seq, positions, plan = _batch(mb)
+    tokens, rows, seq, positions, plan = _batch(stage, mb)
     h = stage.embed(tokens.reshape(-1))
     for _ in range(repeats):
         h, _ = stage.run_layers(h, positions, plan)
@@ -40,7 +41,7 @@ def looped(stage: LlamaStage, mb: dict, repeats: int):
 
 
 def pondering(stage: LlamaStage, mb: dict, passes: int):
-    tokens, rows, seq, positions, plan = _batch(mb)
+    tokens, rows, seq, positions, plan = _batch(stage, mb)
     e = stage.embed(tokens.reshape(-1))
     h, _ = stage.run_layers(e, positions, plan)
     for _ in range(passes - 1):
@@ -63,7 +64,7 @@ def pause(stage: LlamaStage, mb: dict, slots: int):
     positions = torch.arange(long_seq, device=tokens.device).repeat(rows)
     doc = mb.get("doc_ids")
     doc = doc.repeat_interleave(slots, dim=1) if doc is not None else None
-    plan = causal_plan(rows, long_seq, doc)
+    plan = causal_plan(rows, long_seq, doc, stage.attention_backend)
     h, _ = stage.run_layers(e, positions, plan)
     z = stage.final_norm(h).view(rows * seq, slots, 1, h_dim)[:, -1]  # last slot of each token
     return _lm_loss(stage, z, mb), plan

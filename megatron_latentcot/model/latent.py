@@ -22,56 +22,9 @@ from megatron_latentcot.config import METHODS, Config, ConfigError
 from megatron_latentcot.flops import latent_train_flops
 from megatron_latentcot.loss import masked_mean, token_cross_entropy
 from megatron_latentcot.model import baselines
-from megatron_latentcot.model.attention import AttentionPlan, causal_plan
+from megatron_latentcot.model.attention import causal_plan, latent_plan, visible_pairs
 from megatron_latentcot.model.llama import LlamaStage, upcast
 from megatron_latentcot.model.router import Decision, route
-
-
-def rows_layout(row_of: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group packed slots by batch row: ([rows, L] indices into the slots, [rows, L] valid)."""
-    counts = torch.bincount(row_of, minlength=rows)
-    width = int(counts.max().item()) if row_of.numel() else 0
-    order = torch.argsort(row_of, stable=True)
-    sorted_rows = row_of[order]
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(row_of.numel(), device=row_of.device) - starts[sorted_rows]
-    index = torch.zeros(rows, width, dtype=torch.long, device=row_of.device)
-    valid = torch.zeros(rows, width, dtype=torch.bool, device=row_of.device)
-    index[sorted_rows, slot] = order
-    valid[sorted_rows, slot] = True
-    return index, valid
-
-
-def latent_plan(q_slots: torch.Tensor, key_slots: torch.Tensor, key_live: torch.Tensor | None,
-                rows: int, seq: int, doc_ids: torch.Tensor | None) -> AttentionPlan:
-    """The 2-D causal rule for one latent step, laid out per row for SDPA.
-
-    ``q_slots``: token slot (row * seq + t) of each packed query (row-major sorted);
-    ``key_slots``: token slot of each cached key, in cache order; ``key_live``: which cached
-    keys were really executed (None = all; only the uncompacted mode caches dead ones).
-    """
-    q_index, q_valid = rows_layout(q_slots // seq, rows)
-    k_index, k_valid = rows_layout(key_slots // seq, rows)
-    q_pos = (q_slots % seq)[q_index]
-    k_pos = (key_slots % seq)[k_index]
-    mask = q_valid[:, :, None] & k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
-    if key_live is not None:
-        mask &= key_live[k_index][:, None, :]
-    if doc_ids is not None:
-        mask &= doc_ids[q_slots][q_index][:, :, None] == doc_ids[key_slots][k_index][:, None, :]
-    mask[:, :, 0] |= ~q_valid  # padding queries attend to one real key: no all-masked rows
-    return AttentionPlan(rows=rows, q_index=q_index, q_valid=q_valid, k_index=k_index,
-                         mask=mask[:, None])
-
-
-def visible_pairs(plan: AttentionPlan, rows: int, seq: int) -> int:
-    """(query, key) pairs the plan lets attend: the attention FLOPs' true size."""
-    if plan.dense:
-        if plan.mask is None:
-            return rows * seq * (seq + 1) // 2
-        return int(plan.mask.sum().item())
-    assert plan.mask is not None and plan.q_valid is not None
-    return int((plan.mask[:, 0] & plan.q_valid[:, :, None]).sum().item())
 
 
 @dataclass
@@ -119,7 +72,7 @@ class LatentStepScheduler:
         stage, tokens = self.stage, mb["tokens"]
         rows, seq = tokens.shape
         positions = torch.arange(seq, device=tokens.device).repeat(rows)
-        plan = causal_plan(rows, seq, mb.get("doc_ids"))
+        plan = causal_plan(rows, seq, mb.get("doc_ids"), stage.attention_backend)
         h = stage.embed(tokens.reshape(-1)) if stage.pre_process else x
         h, kv = stage.run_layers(h, positions, plan)
         return h, kv, plan
@@ -144,7 +97,7 @@ class LatentStepScheduler:
                                   loss_mask)
             return LatentOutput(loss=lm_loss, lm_loss=lm_loss, adaptive_loss=torch.zeros_like(lm_loss),
                                 steps=torch.ones(n, dtype=torch.long, device=device),
-                                records=[StepRecord(n, n, visible_pairs(plan, rows, seq))])
+                                records=[StepRecord(n, n, visible_pairs(plan))])
         active = torch.arange(n, device=device)  # token slot of each packed row of h
         live = None  # uncompacted mode: which active slots really execute this step
         key_slots, key_live = active, None
@@ -164,7 +117,7 @@ class LatentStepScheduler:
             if gate is not None:
                 gate = (gate if live is None else gate[live]).detach()
             records.append(StepRecord(tokens=active.numel(), live=n_live,
-                                      pairs=visible_pairs(plan, rows, seq), gates=gate))
+                                      pairs=visible_pairs(plan), gates=gate))
             z_final = z_final.index_add(0, active, decision.exit[:, None, None] * upcast(z))
             cont = decision.cont
             if not bool(cont.any()):
@@ -186,7 +139,8 @@ class LatentStepScheduler:
                 key_slots = torch.cat([key_slots, active])
                 key_live = torch.cat([key_live if key_live is not None
                                       else torch.ones(n, dtype=torch.bool, device=device), live])
-            plan = latent_plan(active, key_slots, key_live, rows, seq, doc_flat)
+            plan = latent_plan(active, key_slots, key_live, rows, seq, doc_flat,
+                               stage.attention_backend)
             h, cache = stage.run_layers(h_in.to(h.dtype), positions[active], plan, past=cache)
 
         logits = stage.logits(z_final.to(h.dtype))
@@ -203,9 +157,9 @@ class LatentStepScheduler:
         n = rows * seq
         loss, plan = getattr(baselines, method)(self.stage, mb, k)
         if method == "pause":  # one pass over the K-times longer sequence
-            records = [StepRecord(n * k, n * k, visible_pairs(plan, rows, seq * k))]
+            records = [StepRecord(n * k, n * k, visible_pairs(plan))]
         else:
-            records = [StepRecord(n, n, visible_pairs(plan, rows, seq))] * k
+            records = [StepRecord(n, n, visible_pairs(plan))] * k
         # pondering: K-1 extra LM heads and K-1 expected-embedding matmuls, all with gradient
         head_tokens = n * (2 * k - 1) if method == "pondering" else n
         steps = torch.full((n,), k, dtype=torch.long, device=mb["tokens"].device)

@@ -224,6 +224,7 @@ class LlamaStage(nn.Module):
         self.tp_size = ctx.tp_size
         self.sequence_parallel = ctx.sequence_parallel
         self.recompute = cfg.train.recompute
+        self.attention_backend = cfg.latent.attention_backend
         self.pre_process, self.post_process = ctx.is_first_stage, ctx.is_last_stage
         mp = ModelParallelConfig(
             tensor_model_parallel_size=ctx.tp_size, sequence_parallel=ctx.sequence_parallel,
