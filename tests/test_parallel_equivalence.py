@@ -51,13 +51,30 @@ def train_three_steps(overrides: list[str]) -> dict:
     return result
 
 
-def reference() -> dict:
-    return run_distributed(train_three_steps, 1, [])[0]
+ADAPTIVE = ["latent.method=adaptive", "latent.tau=0.3", "latent.max_steps=3",
+            "model.embedding_multiplier=null"]
 
 
 @pytest.fixture(scope="module")
 def single():
-    return reference()
+    return run_distributed(train_three_steps, 1, [])[0]
+
+
+@pytest.fixture(scope="module")
+def single_adaptive():
+    return run_distributed(train_three_steps, 1, ADAPTIVE)[0]
+
+
+def test_adaptive_dp2_zero_equals_one_process(single_adaptive):
+    """FSDP2 under the latent loop: blocks reused K times per forward, one reduction."""
+    _check(run_distributed(train_three_steps, 2, ADAPTIVE + ["parallel.zero=fsdp2"]),
+           single_adaptive)
+
+
+@pytest.mark.slow
+def test_adaptive_tp2_dp2_equals_one_process(single_adaptive):
+    _check(run_distributed(train_three_steps, 4, ADAPTIVE + [
+        "parallel.tensor_model_parallel_size=2"]), single_adaptive)
 
 
 def _check(results: list[dict], single: dict) -> None:
