@@ -324,6 +324,10 @@ def validate(cfg: Config) -> None:
                  f"counts summing to model.num_layers ({m.num_layers})")
     _require(not par.sequence_parallel or tp > 1,
              "parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1")
+    _require(not par.sequence_parallel
+             or (cfg.train.micro_batch_size * cfg.data.seq_length) % tp == 0,
+             f"parallel.sequence_parallel: train.micro_batch_size x data.seq_length must be "
+             f"divisible by parallel.tensor_model_parallel_size ({tp})")
     _require(par.zero in ("fsdp2", "none"), f"parallel.zero: expected 'fsdp2' or 'none', "
              f"got {par.zero!r}")
     _require(par.backend in ("auto", "nccl", "gloo"),

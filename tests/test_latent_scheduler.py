@@ -222,34 +222,74 @@ def test_flops_fall_with_active_tokens(ctx):
     assert abs(step2_half / step2_all - 0.5) < 0.05, (step2_half, step2_all)
 
 
-def _tp_forward(tp: int) -> dict:
+def _tp_forward(tp: int, sp: bool = False, force: str = "") -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_latentcot.config import load_config
     from megatron_latentcot.parallel import destroy_distributed, init_distributed
 
-    cfg_overrides = ["latent.method=adaptive", "latent.tau=0.3",
-                     f"parallel.tensor_model_parallel_size={tp}"]
-    from megatron_latentcot.config import load_config
+    overrides = ["latent.method=adaptive", "latent.tau=0.3", "train.micro_batch_size=3",
+                 "train.global_batch_size=3",
+                 f"parallel.tensor_model_parallel_size={tp}",
+                 f"parallel.sequence_parallel={str(sp).lower()}"]
+    ctx = init_distributed(load_config(None, BASE + overrides).parallel)
+    cfg, model, sched = build(ctx, overrides)
+    mb = batch(docs=True)
+    if force == "first-half":  # only rows of the first half survive step 1
+        mb["loss_mask"] = mb["loss_mask"].clone()
+        original = sched._decide
 
-    ctx = init_distributed(load_config(None, BASE + cfg_overrides).parallel)
-    cfg, model, sched = build(ctx, cfg_overrides)
-    out = sched.forward(batch(docs=True))
+        def decide(z, reach, k, _orig=original):
+            from megatron_latentcot.model.router import Decision
+
+            d, g = _orig(z, reach, k)
+            if k == 1:
+                slots = (torch.arange(36).chunk(tp)[ctx.tp_rank] if sp else torch.arange(36))
+                keep = slots < 18
+                return Decision(torch.where(keep, d.exit.new_zeros(()), reach), reach * 0.9 * keep,
+                                keep), g
+            return d, g
+
+        sched._decide = decide
+    elif force == "stop":  # nobody goes on after step 2
+        original = sched._decide
+
+        def decide(z, reach, k, _orig=original):
+            from megatron_latentcot.model.router import route
+
+            return (route(reach, None, 0.0), None) if k == 2 else _orig(z, reach, k)
+
+        sched._decide = decide
+    out = sched.forward(mb)
     out.loss.backward()
-    router_grad = model.router.weight.grad.clone()
+    grad = model.router.weight.grad.clone()
+    if sp:  # partial per rank under SP (the optimizer all-reduces it)
+        torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
     destroy_distributed()
-    return {"steps": out.steps, "loss": out.loss.item(), "router_grad": router_grad,
-            "counts": [r.tokens for r in out.records]}
+    return {"steps": out.steps, "loss": out.loss.item(), "router_grad": grad,
+            "counts": [r.live for r in out.records]}
 
 
-def test_tensor_parallel_matches_single_and_agrees_on_active_sets():
+@pytest.mark.parametrize("sp,force", [
+    pytest.param(False, "", id="tp2"),
+    pytest.param(True, "", id="tp2-sp"),
+    pytest.param(True, "first-half", id="tp2-sp-unbalanced", marks=pytest.mark.slow),
+    pytest.param(True, "stop", id="tp2-sp-stop", marks=pytest.mark.slow),
+])
+def test_tensor_parallel_matches_single_and_agrees_on_active_sets(sp, force):
     from tests.dist_utils import run_distributed
 
-    (one,) = run_distributed(_tp_forward, 1, 1)
-    two = run_distributed(_tp_forward, 2, 2)
+    (one,) = run_distributed(_tp_forward, 1, 1, False, force)
+    two = run_distributed(_tp_forward, 2, 2, sp, force)
     for rank in two:  # identical active sets on both TP ranks, and equal to TP = 1
         assert torch.equal(rank["steps"], one["steps"])
         assert rank["counts"] == one["counts"]
         assert abs(rank["loss"] - one["loss"]) < 1e-12
         torch.testing.assert_close(rank["router_grad"], one["router_grad"], rtol=1e-9, atol=1e-12)
-    assert len(set(one["counts"])) > 1  # pruning happened
+    if force == "stop":
+        assert one["steps"].max() == 2
+    else:
+        assert len(set(one["counts"])) > 1  # pruning happened
 
 
 @pytest.mark.parametrize("docs", [False, True], ids=["packed", "doc-masked"])

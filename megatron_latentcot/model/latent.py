@@ -55,10 +55,17 @@ class LatentStepScheduler:
         if lat.method not in METHODS:
             raise ConfigError(f"latent.method: expected one of {METHODS}, got {lat.method!r}")
         self.max_steps = 1 if lat.method == "vanilla" else lat.max_steps
-        if self.max_steps > 1 and (cfg.parallel.pipeline_model_parallel_size > 1
-                                   or cfg.parallel.sequence_parallel):
+        self.tp_size = cfg.parallel.tensor_model_parallel_size
+        from megatron.core import parallel_state
+
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        if self.max_steps > 1 and cfg.parallel.pipeline_model_parallel_size > 1:
             raise ConfigError(f"latent.method={lat.method!r} with max_steps > 1 does not yet run "
-                              "with pipeline or sequence parallelism; use tensor/data parallel")
+                              "with pipeline parallelism; use tensor, sequence or data parallel")
+        if self.max_steps > 1 and cfg.parallel.sequence_parallel and (
+                lat.method in ("pause", "pondering") or not lat.compact):
+            raise ConfigError(f"latent.method={lat.method!r} (compact={lat.compact}) does not yet "
+                              "run with sequence parallelism")
 
     # -- pipeline-stage interface ------------------------------------------------------------
     def stage_forward(self, mb: dict, x: torch.Tensor | None):
@@ -98,11 +105,17 @@ class LatentStepScheduler:
             return LatentOutput(loss=lm_loss, lm_loss=lm_loss, adaptive_loss=torch.zeros_like(lm_loss),
                                 steps=torch.ones(n, dtype=torch.long, device=device),
                                 records=[StepRecord(n, n, visible_pairs(plan))])
-        active = torch.arange(n, device=device)  # token slot of each packed row of h
-        live = None  # uncompacted mode: which active slots really execute this step
-        key_slots, key_live = active, None
+        sp = stage.sequence_parallel
+        all_slots = torch.arange(n, device=device)
+        # ``active``: token slot of each row of this rank's h (its shard under SP);
+        # ``q_slots``: the step's queries across the TP group (== active without SP);
+        # ``live``: which rows really execute (None = all; dead rows are uncompacted halted
+        # tokens or SP padding, computed but never visible nor mixed).
+        active = all_slots.chunk(self.tp_size)[self.tp_rank] if sp else all_slots
+        q_slots, live = all_slots, None
+        key_slots, key_live = all_slots, None
         work = upcast(h).dtype  # routing and mixing precision: float32 (float64 in tests)
-        reach = torch.ones(n, device=device, dtype=work)
+        reach = torch.ones(active.numel(), device=device, dtype=work)
         z_final = torch.zeros(n, 1, h.shape[-1], device=device, dtype=work)
         steps = torch.ones(n, dtype=torch.long, device=device)
         adaptive_sum = torch.zeros((), device=device, dtype=work)
@@ -110,39 +123,58 @@ class LatentStepScheduler:
         for k in range(1, self.max_steps + 1):
             z = stage.final_norm(h)
             decision, gate = self._decide(z, reach, k)
-            if live is not None:  # dead slots neither exit nor continue
+            if live is not None:  # dead rows neither exit nor continue
                 decision = Decision(decision.exit * live, decision.reach_next,
                                     decision.cont & live)
-            n_live = int(live.sum().item()) if live is not None else active.numel()
             if gate is not None:
                 gate = (gate if live is None else gate[live]).detach()
-            records.append(StepRecord(tokens=active.numel(), live=n_live,
+            n_live = self._tp_sum(active.numel() if live is None else int(live.sum()))
+            records.append(StepRecord(tokens=q_slots.numel(), live=n_live,
                                       pairs=visible_pairs(plan), gates=gate))
             z_final = z_final.index_add(0, active, decision.exit[:, None, None] * upcast(z))
             cont = decision.cont
-            if not bool(cont.any()):
+            if self._tp_sum(int(cont.sum())) == 0:  # every rank agrees: nobody goes on
                 break
-            if lat.method == "adaptive" and lat.adaptive_loss_weight > 0:
-                with torch.no_grad():
-                    p_target = torch.exp(-token_cross_entropy(stage.logits(z[cont]),
-                                                              labels[active[cont]]))
-                ptarget_tokens += int(cont.sum().item())
-                adaptive_sum = adaptive_sum + (loss_mask[active[cont]]
-                                               * p_target.pow(lat.adaptive_loss_beta)
-                                               * decision.reach_next[cont]).sum()
             steps[active[cont]] = k + 1
-            if lat.compact:
-                active, reach, h_in = active[cont], decision.reach_next[cont], z[cont]
-                key_slots = torch.cat([key_slots, active])
-            else:
+            new_live = None
+            if not lat.compact:
                 live, reach, h_in = cont, decision.reach_next, z
-                key_slots = torch.cat([key_slots, active])
-                key_live = torch.cat([key_live if key_live is not None
-                                      else torch.ones(n, dtype=torch.bool, device=device), live])
-            plan = latent_plan(active, key_slots, key_live, rows, seq, doc_flat,
+                new_live = live
+            elif sp:
+                active, reach, h_in, live, q_slots, new_live = self._regather(
+                    active[cont], decision.reach_next[cont], z[cont])
+            else:
+                active, reach, h_in = active[cont], decision.reach_next[cont], z[cont]
+                q_slots = active
+            if new_live is not None or key_live is not None:
+                old = key_live if key_live is not None else torch.ones_like(key_slots, dtype=torch.bool)
+                new = new_live if new_live is not None else torch.ones_like(q_slots, dtype=torch.bool)
+                key_live = torch.cat([old, new])
+            key_slots = torch.cat([key_slots, q_slots])
+            if lat.method == "adaptive" and lat.adaptive_loss_weight > 0:
+                # sg(p_target^(k)) of the survivors: z^(k) is exactly their next input
+                with torch.no_grad():
+                    p_target = torch.exp(-token_cross_entropy(stage.logits(h_in), labels[q_slots]))
+                    if sp:
+                        p_target = p_target.chunk(self.tp_size)[self.tp_rank]
+                ptarget_tokens += q_slots.numel()
+                term = loss_mask[active] * p_target.pow(lat.adaptive_loss_beta) * reach
+                adaptive_sum = adaptive_sum + (term if live is None else term * live).sum()
+            plan = latent_plan(q_slots, key_slots, key_live, rows, seq, doc_flat,
                                stage.attention_backend)
-            h, cache = stage.run_layers(h_in.to(h.dtype), positions[active], plan, past=cache)
+            h, cache = stage.run_layers(h_in.to(h.dtype), positions[q_slots], plan, past=cache)
 
+        if sp:  # each rank mixed the tokens it ran: sum, then back to this rank's shard
+            from megatron.core.tensor_parallel import (
+                reduce_from_tensor_model_parallel_region,
+                scatter_to_sequence_parallel_region,
+            )
+
+            z_final = scatter_to_sequence_parallel_region(
+                reduce_from_tensor_model_parallel_region(z_final))
+            adaptive_sum = reduce_from_tensor_model_parallel_region(adaptive_sum)
+            torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX,
+                                         group=self._tp_group())
         logits = stage.logits(z_final.to(h.dtype))
         lm_loss = masked_mean(token_cross_entropy(logits, labels), loss_mask)
         adaptive_loss = adaptive_sum / loss_mask.sum().clamp(min=1.0)
@@ -150,6 +182,57 @@ class LatentStepScheduler:
             else lm_loss
         return LatentOutput(loss=loss, lm_loss=lm_loss, adaptive_loss=adaptive_loss,
                             steps=steps, records=records, ptarget_tokens=ptarget_tokens)
+
+    # -- sequence parallelism: rebalance survivors across the TP group ---------------------
+    def _tp_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def _tp_sum(self, value: int) -> int:
+        """Sum over the TP group under SP (each rank holds different tokens), else as is."""
+        if not self.stage.sequence_parallel:
+            return value
+        t = torch.tensor([value], device=self.stage.rotary.inv_freq.device)
+        torch.distributed.all_reduce(t, group=self._tp_group())
+        return int(t.item())
+
+    def _regather(self, slots: torch.Tensor, reach: torch.Tensor, z: torch.Tensor):
+        """Survivors of every TP rank -> an even re-split (counts first; the last shard padded).
+
+        Returns this rank's (slots, reach, z, live) and the group's (query slots, live). Padding
+        rows repeat the last real slot (keeping queries row-major sorted) and are dead. z and
+        reach travel through megatron's differentiable gather, whose backward reduce-scatters.
+        """
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        tp, rank, group = self.tp_size, self.tp_rank, self._tp_group()
+        counts = torch.zeros(tp, dtype=torch.long, device=slots.device)
+        torch.distributed.all_gather_into_tensor(
+            counts, torch.tensor([slots.numel()], device=slots.device), group=group)
+        counts_l = counts.tolist()
+        widest, total = max(counts_l), sum(counts_l)
+        chunk = -(-total // tp)
+
+        def gather(t: torch.Tensor, differentiable: bool) -> torch.Tensor:
+            padded = torch.cat([t, t.new_zeros((widest - t.shape[0], *t.shape[1:]))])
+            if differentiable:
+                full = gather_from_sequence_parallel_region(padded.contiguous(), group=group)
+            else:
+                full = padded.new_empty((widest * tp, *padded.shape[1:]))
+                torch.distributed.all_gather_into_tensor(full, padded.contiguous(), group=group)
+            parts = [full[r * widest:r * widest + c] for r, c in enumerate(counts_l)]
+            real = torch.cat(parts)
+            pad = chunk * tp - total
+            return torch.cat([real, real.new_zeros((pad, *real.shape[1:]))]), pad
+
+        all_slots, pad = gather(slots, False)
+        all_slots[total:] = all_slots[total - 1]
+        all_reach, _ = gather(reach, True)
+        all_z, _ = gather(z, True)
+        all_live = torch.arange(chunk * tp, device=slots.device) < total
+        mine = slice(rank * chunk, (rank + 1) * chunk)
+        return all_slots[mine], all_reach[mine], all_z[mine], all_live[mine], all_slots, all_live
 
     def _baseline(self, mb: dict) -> LatentOutput:
         method, k = self.cfg.latent.method, self.max_steps
