@@ -286,6 +286,7 @@ class LatentStepScheduler:
         s["flops"] = float(latent_train_flops(
             m, vocab, [r.tokens for r in out.records], [r.pairs for r in out.records],
             head_tokens=out.head_tokens or n, ptarget_tokens=out.ptarget_tokens,
-            router_tokens=sum(r.tokens for r in out.records[:-1])
+            router_tokens=sum(r.tokens for k, r in enumerate(out.records, start=1)
+                              if k < self.max_steps)  # the router runs at every step < K_max
             if self.cfg.latent.method == "adaptive" else 0))
         return s
