@@ -340,3 +340,25 @@ def test_visible_pairs_counts_the_mask():
         plan = latent_plan(step3, keys, live, rows, seq, doc)
         _, q_valid, _, mask = _sdpa_layout(plan)
         assert visible_pairs(plan) == int((mask[:, 0] & q_valid[:, :, None]).sum())
+
+
+def _baseline_tp(tp: int, method: str) -> float:
+    from megatron_latentcot.config import load_config
+    from megatron_latentcot.parallel import destroy_distributed, init_distributed
+
+    overrides = [f"latent.method={method}", "latent.max_steps=3", "model.max_position_embeddings=64",
+                 f"parallel.tensor_model_parallel_size={tp}"]
+    ctx = init_distributed(load_config(None, BASE + overrides).parallel)
+    _, _, sched = build(ctx, overrides)
+    loss = sched.forward(batch(docs=True)).loss.item()
+    destroy_distributed()
+    return loss
+
+
+@pytest.mark.parametrize("method", ["pondering", "pause", "looped"])
+def test_baselines_tensor_parallel_equal_single(method):
+    from tests.dist_utils import run_distributed
+
+    (one,) = run_distributed(_baseline_tp, 1, 1, method)
+    for loss in run_distributed(_baseline_tp, 2, 2, method):
+        assert abs(loss - one) < 1e-12, (loss, one)

@@ -83,3 +83,13 @@ def test_adaptive_trains_and_router_stays_adaptive(sotu_data, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["mean_steps"] for r in logged if r["split"] == "train"]
     assert all(1.0 < s < 3.0 for s in steps), steps
+
+
+@pytest.mark.parametrize("method", ["latent_fixed", "looped", "pondering", "pause"])
+def test_every_baseline_trains_on_real_text(sotu_data, tmp_path, method):
+    result = run_distributed(_train, 1, TINY + data_overrides(sotu_data) + [
+        f"latent.method={method}", "latent.max_steps=2", "model.embedding_multiplier=null",
+        "train.train_iters=15", f"train.save={tmp_path}"])[0]
+    losses = result["losses"]
+    assert all(x == x and abs(x) < 100 for x in losses), losses  # finite
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
