@@ -44,3 +44,73 @@ def hf_llama_config(m: ModelConfig, vocab_size: int):
         num_key_value_heads=m.kv_heads, max_position_embeddings=m.max_position_embeddings,
         rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
         attention_bias=False, mlp_bias=False, head_dim=m.head_dim)
+
+
+# -- writing exports (single-process logical weights) ------------------------------------------
+
+def fold_embedding_multiplier(state: dict[str, torch.Tensor], multiplier: float,
+                              tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """Scale the embedding rows by ``multiplier`` so a model without one computes the same.
+
+    Untied embeddings only: tied ones also serve as the LM head, which must stay unscaled.
+    """
+    if multiplier == 1.0:
+        return dict(state)
+    if tie_embeddings:
+        raise ValueError("tied embeddings with an embedding multiplier != 1 cannot be exported "
+                         "to a model without one (the LM head shares the weight)")
+    out = dict(state)
+    out["embed_tokens.weight"] = state["embed_tokens.weight"] * multiplier
+    return out
+
+
+def save_hf_llama(state: dict[str, torch.Tensor], m: ModelConfig, vocab_size: int, out_dir,
+                  embedding_multiplier: float, eod: int | None = None,
+                  dtype: torch.dtype | None = None) -> None:
+    """Write ``model.safetensors`` + ``config.json`` that ``LlamaForCausalLM.from_pretrained`` loads.
+
+    ``state``: logical weights (:func:`logical_state_dict`); the router, if any, is dropped; the
+    embedding multiplier is folded into untied embeddings.
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    folded = fold_embedding_multiplier(state, embedding_multiplier, m.tie_embeddings)
+    hf = to_hf_llama(folded, vocab_size)
+    if m.tie_embeddings:
+        hf.pop("lm_head.weight", None)
+    hf = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in hf.items()}
+    save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_llama_config(dataclasses.replace(m, embedding_multiplier=1.0), vocab_size)
+    if eod is not None:
+        config.eos_token_id = config.bos_token_id = eod
+    config.torch_dtype = str(dtype or next(iter(hf.values())).dtype).replace("torch.", "")
+    config.save_pretrained(str(out))
+
+
+def save_latent_export(state: dict[str, torch.Tensor], model_cfg: dict, latent_cfg: dict,
+                       vocab_size: int, out_dir, seq_length: int,
+                       tokenizer: dict | None = None, extra: dict | None = None,
+                       dtype: torch.dtype | None = None) -> None:
+    """Write logical weights (``model.safetensors``) + ``latent_config.json`` for our inference code.
+
+    ``model_cfg`` / ``latent_cfg``: the ``model`` and ``latent`` config sections as dicts;
+    ``tokenizer``: {"type", "file" (relative to ``out_dir``), "fingerprint"}.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in state.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "megatron-latentcot"})
+    meta = {"format": "megatron-latentcot", "version": 1, "model": model_cfg,
+            "latent": latent_cfg, "vocab_size": vocab_size, "seq_length": seq_length,
+            "tokenizer": tokenizer, **(extra or {})}
+    (out / "latent_config.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
