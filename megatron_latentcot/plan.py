@@ -1,0 +1,673 @@
+"""Plan a run before launching it: parameters, memory per GPU, FLOPs and time per iteration.
+
+``python -m megatron_latentcot.plan --config examples/configs/7b_adaptive.yaml --nodes 4 \
+--gpus-per-node 8 parallel.tensor_model_parallel_size=8``
+
+Everything follows the code, not a textbook formula:
+
+- **Parameters**: the exact shapes :class:`~megatron_latentcot.model.llama.LlamaStage` creates on
+  each (pipeline stage, tensor rank) -- fused QKV / gate-up, untied head, router (adaptive),
+  pause embeddings (pause). Tests compare names and shapes with the real module.
+- **Static memory**: fp32 master weights, fp32 gradients and AdamW's two fp32 states, sharded
+  over data parallel by FSDP2 (``parallel.zero=fsdp2``; dim-0 shards, rounded up). FSDP2 here
+  keeps each unit gathered through forward and backward (``reshard_after_forward=False``), so a
+  full fp32 copy of the stage's weights is resident during a step, and with gradient
+  accumulation it accumulates *unsharded* gradients.
+- **Activations**: the bytes autograd saves for backward per micro-batch, op by op as the model
+  runs them (residual stream and norms in fp32, matmul outputs in the compute dtype), for every
+  latent step at its active-token count, including the per-step K/V cache and, for the ``sdpa``
+  backend, the gathered keys and the dense (queries x cached keys) mask. Recompute keeps block
+  inputs and the K/V caches the next step reads. The GPipe schedule keeps every micro-batch of
+  an iteration alive when PP > 1. The ``sdpa`` terms are checked against what autograd saves on
+  CPU (tests/test_plan.py); the ``flex`` terms cannot be measured on CPU (no backward there).
+- **FLOPs**: :mod:`megatron_latentcot.flops` on the step profile (default: every token runs
+  K_max steps, the upper bound), plus the paper's 6 N per (token, pass) convention.
+- **Time**: FLOPs per iteration / (GPUs x peak x MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from megatron_latentcot.config import Config, ConfigError, load_config
+from megatron_latentcot.flops import PEAK_TFLOPS, causal_pairs, latent_train_flops
+
+GiB = 2**30
+FP32 = 4
+INDEX = 8  # int64
+
+
+# -- layout ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    gpus_per_node: int | None = None
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def nodes(self) -> int | None:
+        return None if not self.gpus_per_node else math.ceil(self.world / self.gpus_per_node)
+
+
+def make_layout(cfg: Config, world_size: int | None = None, nodes: int | None = None,
+                gpus_per_node: int | None = None) -> Layout:
+    """TP and PP from the config; DP = world / (TP x PP). Without a world size, DP = 1."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if world_size is None and nodes is not None:
+        if gpus_per_node is None:
+            raise ConfigError("--nodes needs --gpus-per-node")
+        world_size = nodes * gpus_per_node
+    world_size = world_size or tp * pp
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tensor x pipeline parallel "
+                          f"size {tp} x {pp}")
+    return Layout(tp, pp, world_size // (tp * pp), gpus_per_node)
+
+
+# -- parameters ------------------------------------------------------------------------------
+
+def stage_layer_ids(cfg: Config, pp_rank: int) -> list[int]:
+    """Global layer indices of pipeline stage ``pp_rank`` (as model.llama.stage_layers)."""
+    m, par = cfg.model, cfg.parallel
+    counts = par.pipeline_layers or [m.num_layers // par.pipeline_model_parallel_size] * \
+        par.pipeline_model_parallel_size
+    start = sum(counts[:pp_rank])
+    return list(range(start, start + counts[pp_rank]))
+
+
+def stage_param_shapes(cfg: Config, vocab: int, tp: int, pp_rank: int) -> dict[str, tuple[int, ...]]:
+    """Name -> local shape of every parameter one (stage, tensor rank) of LlamaStage holds."""
+    m, lat = cfg.model, cfg.latent
+    pp = cfg.parallel.pipeline_model_parallel_size
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if pp_rank == 0:
+        shapes["embed_tokens.weight"] = (vocab // tp, h)
+        if lat.method == "pause":
+            shapes["pause_embeddings.weight"] = (lat.max_steps - 1, h)
+    for i in stage_layer_ids(cfg, pp_rank):
+        p = f"layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.qkv_proj.weight"] = ((m.num_attention_heads + 2 * m.kv_heads) * d // tp, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, m.num_attention_heads * d // tp)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_up_proj.weight"] = (2 * f // tp, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, f // tp)
+    if pp_rank == pp - 1:
+        shapes["norm.weight"] = (h,)
+        if not m.tie_embeddings:
+            shapes["lm_head.weight"] = (vocab // tp, h)
+        if lat.method == "adaptive":
+            shapes["router.weight"] = (1, h)
+            shapes["router.bias"] = (1,)
+    return shapes
+
+
+_TP_SHARDED = ("embed_tokens.", "qkv_proj.", "o_proj.", "gate_up_proj.", "down_proj.", "lm_head.")
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def total_params(cfg: Config, vocab: int) -> int:
+    """Distinct parameters of the whole model (TP shards counted once, replicas once)."""
+    return sum(numel(shape) for s in range(cfg.parallel.pipeline_model_parallel_size)
+               for shape in stage_param_shapes(cfg, vocab, 1, s).values())
+
+
+def non_embedding_params(cfg: Config, vocab: int) -> int:
+    m = cfg.model
+    emb = vocab * m.hidden_size * (1 if m.tie_embeddings else 2)
+    return total_params(cfg, vocab) - emb
+
+
+def fsdp_shard_numel(shape: tuple[int, ...], dp: int) -> int:
+    """Elements the largest FSDP2 shard of one parameter holds (dim-0 chunks, rounded up)."""
+    if dp == 1:
+        return numel(shape)
+    return math.ceil(shape[0] / dp) * numel(shape[1:])
+
+
+# -- activations -----------------------------------------------------------------------------
+
+@dataclass
+class Dims:
+    """Per-rank sizes of one stage: hidden, local head/ffn widths and dtypes."""
+
+    h: int  # hidden size (full: residual stream)
+    hq: int  # query width on this TP rank
+    hkv: int  # key (= value) width on this TP rank
+    heads: int  # query heads on this TP rank
+    ffn: int  # FFN width on this TP rank
+    head_dim: int
+    vocab: int  # vocabulary rows on this TP rank
+    a: int  # bytes of a matmul output (2 under bf16 autocast, else 4)
+    sp: int  # the sequence-parallel divisor of norm/residual tokens (tp under SP, else 1)
+
+
+def dims(cfg: Config, vocab: int, tp: int) -> Dims:
+    m = cfg.model
+    return Dims(h=m.hidden_size, hq=m.num_attention_heads * m.head_dim // tp,
+                hkv=m.kv_heads * m.head_dim // tp, heads=m.num_attention_heads // tp,
+                ffn=m.ffn_hidden_size // tp, head_dim=m.head_dim, vocab=vocab // tp,
+                a=2 if cfg.train.precision == "bf16" else 4,
+                sp=tp if cfg.parallel.sequence_parallel else 1)
+
+
+@dataclass
+class Step:
+    """One pass of the layer stack: ``n`` query tokens over a cache of ``keys`` tokens.
+
+    ``width_q`` / ``width_k``: the longest batch row of queries / keys (SDPA pads rows to it);
+    ``gathered``: the packed latent layout (else the dense causal layout of step 1).
+    ``new_cache``: whether the keys are a concatenation made for this step (latent cache).
+    """
+
+    n: int
+    keys: int
+    width_q: int
+    width_k: int
+    gathered: bool
+    new_cache: bool
+
+
+def step_profile(cfg: Config, rows: int, fractions: list[float] | None = None) -> list[Step]:
+    """The passes one micro-batch of ``rows`` sequences runs, with tokens active per step.
+
+    ``fractions[k]``: the share of tokens running step k+1 (adaptive only; default all K_max,
+    the worst case the memory must hold). Active tokens are taken evenly spread over rows.
+    """
+    lat, seq = cfg.latent, cfg.data.seq_length
+    n = rows * seq
+    k_max = 1 if lat.method == "vanilla" else lat.max_steps
+    if lat.method == "pause":
+        long = seq * k_max
+        return [Step(rows * long, rows * long, long, long, False, False)]
+    if lat.method in ("looped", "pondering"):
+        return [Step(n, n, seq, seq, False, False) for _ in range(k_max)]
+    if lat.method != "adaptive" or fractions is None:
+        fractions = [1.0] * k_max
+    if len(fractions) != k_max:
+        raise ConfigError(f"--active-fractions: expected {k_max} values (latent.max_steps), "
+                          f"got {len(fractions)}")
+    steps, keys = [], 0
+    for k, frac in enumerate(fractions):
+        tokens = int(round(frac * n)) if k else n
+        if k and tokens == 0:
+            break
+        keys += tokens
+        width_q = min(seq, math.ceil(tokens / rows))
+        steps.append(Step(tokens, keys, width_q, min(seq * (k + 1), math.ceil(keys / rows)),
+                          gathered=k > 0, new_cache=k > 0))
+    return steps
+
+
+def _norm(n: float, dm: Dims) -> float:
+    """RMSNorm + the following linear's saved input: x, x*rstd, output (fp32) and rstd."""
+    return (3 * dm.h * FP32 + FP32) * n / dm.sp
+
+
+def layer_step_bytes(step: Step, dm: Dims, backend: str, rows: int, doc_mask: bool) -> float:
+    """Bytes one transformer block saves for backward in one pass (no recompute)."""
+    n, a = step.n, dm.a
+    gathered_sdpa = backend == "sdpa" and step.gathered
+    total = 2 * _norm(n, dm)  # input and post-attention norms
+    if not gathered_sdpa:  # (the gathered layout saves its gathered copies instead)
+        total += a * (dm.hq + 2 * dm.hkv) * n  # fused QKV output (V is a view of it)
+        total += a * (dm.hq + dm.hkv) * n  # rotated Q and K
+    total += FP32 * dm.heads * (rows * step.width_q if gathered_sdpa else n)  # log-sum-exp
+    if backend == "flex":
+        total += 2 * a * dm.hq * n  # output and its packed copy
+        if step.new_cache:
+            total += 2 * a * dm.hkv * step.keys  # the K and V cache concatenated for this step
+    elif step.gathered:  # SDPA over per-row gathered queries and cached keys, explicit mask
+        wq, wk = rows * step.width_q, rows * step.width_k
+        total += 2 * a * dm.hq * wq  # gathered queries, attention output
+        total += 2 * a * dm.hkv * wk  # gathered keys and values
+        total += a * rows * step.width_q * step.width_k  # the mask, as an additive float mask
+        total += a * dm.hq * n  # the output packed back (o_proj input)
+    else:
+        total += a * dm.hq * n  # attention output (= o_proj input)
+        if doc_mask:
+            total += a * rows * step.width_q * step.width_k
+    total += 4 * a * dm.ffn * n  # gate|up output, silu(gate), silu(gate) * up
+    return total
+
+
+def step_shared_bytes(step: Step, dm: Dims, backend: str, rows: int) -> float:
+    """Per pass, shared by all blocks of a stage: RoPE cos/sin, SDPA gather indices."""
+    total = 2 * dm.head_dim * FP32 * step.n
+    if backend == "sdpa" and step.gathered:
+        total += (INDEX + 1) * rows * step.width_q + INDEX * rows * step.width_k
+    return total
+
+
+def _cache_kept(steps: list[Step], dm: Dims) -> float:
+    """Under recompute: the (K, V) each step passes to the next (held as checkpoint inputs)."""
+    if len(steps) < 2 or steps[1].new_cache is False:
+        return 0.0
+    total = dm.a * (dm.hq + 3 * dm.hkv) * steps[0].n  # step 1: rotated K + QKV storage (V view)
+    for s in steps[1:-1]:
+        total += 2 * dm.a * dm.hkv * s.keys
+    return total
+
+
+@dataclass
+class ActivationEstimate:
+    """Bytes of one micro-batch on one GPU."""
+
+    layers: float  # saved by the transformer blocks, all steps (recompute: what they keep)
+    latent_cache: float  # part of ``layers``: K/V caches and gathered keys of steps >= 2
+    attention_mask: float  # part of ``layers``: dense SDPA masks
+    head: float  # embedding ids, final norms, router, LM head and loss
+    loss_transient: float  # start of backward: log-softmax gradient and its input gradient
+    recompute_transient: float  # recompute: one block rebuilt + its gradient buffers
+
+    @property
+    def saved(self) -> float:
+        return self.layers + self.head
+
+
+def activation_bytes(cfg: Config, vocab: int, tp: int, pp_rank: int, rows: int,
+                     fractions: list[float] | None = None, recompute: bool | None = None,
+                     doc_mask: bool | None = None) -> ActivationEstimate:
+    """Activation memory of one micro-batch of ``rows`` sequences on one (stage, TP rank)."""
+    lat, data = cfg.latent, cfg.data
+    recompute = cfg.train.recompute if recompute is None else recompute
+    pp = cfg.parallel.pipeline_model_parallel_size
+    dm = dims(cfg, vocab, tp)
+    backend = lat.attention_backend
+    steps = step_profile(cfg, rows, fractions)
+    n_layers = len(stage_layer_ids(cfg, pp_rank))
+    doc_mask = data.reset_attention_mask if doc_mask is None else doc_mask
+    per_layer = [layer_step_bytes(s, dm, backend, rows, doc_mask) for s in steps]
+    shared = sum(step_shared_bytes(s, dm, backend, rows) for s in steps)
+    cache = mask = 0.0
+    for s in steps:
+        if s.gathered and backend == "sdpa":
+            cache += 2 * dm.a * dm.hkv * rows * s.width_k
+            mask += dm.a * rows * s.width_q * s.width_k
+        elif s.new_cache:
+            cache += 2 * dm.a * dm.hkv * s.keys
+        elif doc_mask and backend == "sdpa":
+            mask += dm.a * rows * s.width_q * s.width_k
+    rebuild = 0.0
+    if recompute:  # each block keeps its input; K/V of a step stay alive for the next step
+        kept_cache = _cache_kept(steps, dm)
+        layers = n_layers * (sum(FP32 * dm.h * s.n / dm.sp for s in steps) + kept_cache) + shared
+        cache, mask = n_layers * kept_cache, 0.0
+        widest = max(s.n for s in steps)
+        # one block's saved tensors rebuilt, plus the residual stream's gradients
+        rebuild = max(per_layer) + 2 * FP32 * dm.h * widest / dm.sp
+    else:
+        layers = n_layers * sum(per_layer) + shared
+        cache, mask = n_layers * cache, n_layers * mask
+    n = rows * data.seq_length
+    head = loss = 0.0
+    if pp_rank == 0:
+        head += INDEX * n  # embedding ids
+    if pp_rank == pp - 1:
+        head += (INDEX + FP32) * n  # labels and loss mask
+        vocab_local = dm.vocab
+        if lat.method == "pause":
+            head += _norm(steps[0].n, dm)
+        elif lat.method in ("vanilla", "looped") or len(steps) == 1:
+            head += _norm(n, dm)
+        elif lat.method == "pondering":
+            # final norm per pass; between passes the softmax (exp, probabilities) and the
+            # expected-embedding matmul's input in the compute dtype
+            head += len(steps) * _norm(n, dm)
+            head += (len(steps) - 1) * (2 * FP32 + dm.a) * n * vocab_local
+            if dm.a == 2:
+                head += dm.a * vocab_local * dm.h  # autocast's bf16 copy of the embedding
+        else:  # the latent loop: final norm per step, mixing, routing, z^f
+            for i, s in enumerate(steps):
+                head += _norm(s.n, dm)
+                head += (FP32 * dm.h + FP32 + INDEX) * s.n / dm.sp  # p_exit * z into z^f
+                if i < len(steps) - 1:
+                    head += s.n / dm.sp  # which tokens continue
+                    if lat.method == "adaptive":  # router input copy, logit, gate, reach
+                        head += (FP32 * dm.h + 4 * FP32) * s.n / dm.sp
+            head += FP32 * dm.h * n / dm.sp  # z^f (LM head input)
+        head += FP32 * n * vocab_local  # log-softmax (or exp) of the logits, fp32
+        loss = 2 * FP32 * n * vocab_local  # its gradient and the logits' gradient, fp32
+    return ActivationEstimate(layers=layers, latent_cache=cache, attention_mask=mask, head=head,
+                              loss_transient=loss, recompute_transient=rebuild)
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+@dataclass
+class StageMemory:
+    """One GPU of one pipeline stage. ``terms`` in bytes; the peak is the larger of two phases:
+    the start of backward (activations of the in-flight micro-batches, the loss gradient or, with
+    recompute, a rebuilt block) and the optimizer step (weights, gradients, states)."""
+
+    pp_rank: int
+    layers: int
+    params_local: int  # this TP rank's parameters (before FSDP sharding)
+    params_shard: int  # after FSDP2 sharding over DP (the largest shard)
+    terms: dict[str, float]
+    activation: ActivationEstimate
+    inflight_microbatches: int
+    peak_backward: float
+    peak_optimizer: float
+
+    @property
+    def peak(self) -> float:
+        return max(self.peak_backward, self.peak_optimizer)
+
+
+def stage_memory(cfg: Config, vocab: int, layout: Layout, pp_rank: int,
+                 fractions: list[float] | None = None,
+                 recompute: bool | None = None) -> StageMemory:
+    """Memory of one GPU of stage ``pp_rank``."""
+    tr = cfg.train
+    shapes = stage_param_shapes(cfg, vocab, layout.tp, pp_rank)
+    local = sum(numel(s) for s in shapes.values())
+    sharded = cfg.parallel.zero == "fsdp2" and layout.dp > 1
+    shard = sum(fsdp_shard_numel(s, layout.dp if sharded else 1) for s in shapes.values())
+    num_micro = max(1, tr.global_batch_size // max(1, tr.micro_batch_size * layout.dp))
+    inflight = num_micro if layout.pp > 1 else 1
+    act = activation_bytes(cfg, vocab, layout.tp, pp_rank, tr.micro_batch_size, fractions,
+                           recompute)
+    head_params = sum(numel(s) for k, s in shapes.items()
+                      if k.startswith(("norm.", "lm_head.", "router.")))
+    weights, states, grads = FP32 * shard, 2 * FP32 * shard, FP32 * shard
+    gathered = FP32 * local if sharded else 0.0
+    # Gradients alive during backward: accumulated from earlier micro-batches (FSDP2 keeps them
+    # unsharded while gradient sync is off), else only the head's, produced first.
+    accumulated = FP32 * local if num_micro > 1 else FP32 * head_params
+    acts = inflight * act.saved
+    working = max(act.loss_transient, act.recompute_transient + FP32 * head_params)
+    terms = {
+        "weights fp32 (ZeRO shard)": weights,
+        "AdamW m, v fp32 (ZeRO shard)": states,
+        "gradients fp32 (ZeRO shard; optimizer step)": grads,
+        "weights fp32 gathered by FSDP2 (fwd + bwd)": gathered,
+        "gradients fp32 alive during backward": accumulated,
+        f"activations x {inflight} micro-batch(es)": acts,
+        "backward working set": working,
+    }
+    peak_backward = weights + states + gathered + accumulated + acts + working
+    peak_optimizer = weights + states + grads
+    return StageMemory(pp_rank, len(stage_layer_ids(cfg, pp_rank)), local, shard, terms, act,
+                       inflight, peak_backward, peak_optimizer)
+
+
+# -- FLOPs and time ----------------------------------------------------------------------------
+
+def train_flops_per_token(cfg: Config, vocab: int, fractions: list[float] | None = None,
+                          rows: int = 1) -> float:
+    """Exact training FLOPs per token (flops.py), at the step profile (default: worst case)."""
+    m, lat, seq = cfg.model, cfg.latent, cfg.data.seq_length
+    n = rows * seq
+    steps = step_profile(cfg, rows, fractions)
+    if lat.method == "pause":
+        total = latent_train_flops(m, vocab, [steps[0].n], [causal_pairs(rows, seq * lat.max_steps)],
+                                   head_tokens=n)
+    elif lat.method in ("looped", "pondering"):
+        k = len(steps)
+        head = n * (2 * k - 1) if lat.method == "pondering" else n
+        total = latent_train_flops(m, vocab, [n] * k, [causal_pairs(rows, seq)] * k, head_tokens=n
+                                   if lat.method == "looped" else head)
+    else:
+        frac = [s.n / n for s in steps]
+        # a query at (t, k) sees the keys at positions <= t of every executed step <= k
+        pairs = [round(f * sum(frac[:k + 1]) * causal_pairs(rows, seq)) for k, f in enumerate(frac)]
+        cont = sum(s.n for s in steps[1:])
+        adaptive = lat.method == "adaptive"
+        total = latent_train_flops(m, vocab, [s.n for s in steps], pairs, head_tokens=n,
+                                   ptarget_tokens=cont if adaptive and lat.adaptive_loss_weight > 0
+                                   else 0,
+                                   router_tokens=sum(s.n for s in steps[:-1]) if adaptive else 0)
+    return total / n
+
+
+def passes_per_token(cfg: Config, fractions: list[float] | None = None) -> float:
+    """(token, pass) slots per token: the paper's 6 N convention counts these."""
+    steps = step_profile(cfg, 1, fractions)
+    seq = cfg.data.seq_length
+    return sum(s.n for s in steps) / seq
+
+
+@dataclass
+class Plan:
+    config: str | None
+    layout: Layout
+    vocab: int
+    gpu: str
+    gpu_memory_gb: float
+    reserve_gb: float
+    mfu: float
+    total_params: int
+    non_embedding_params: int
+    stages: list[StageMemory]
+    stages_recompute_flip: list[StageMemory]
+    flops_per_token: float
+    kaplan_flops_per_token: float
+    passes_per_token: float
+    tokens_per_iter: int
+    time_per_iter_s: float | None
+    train_days: float | None
+    micro_batches: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fits"] = self.fits
+        d["peak_gib"] = [s.peak / GiB for s in self.stages]
+        return d
+
+
+def make_plan(cfg: Config, layout: Layout, vocab: int, gpu: str = "H100",
+              gpu_memory_gb: float = 80.0, mfu: float = 0.4, peak_tflops: float | None = None,
+              fractions: list[float] | None = None, config_name: str | None = None,
+              reserve_gb: float = 4.0) -> Plan:
+    tr = cfg.train
+    stages = [stage_memory(cfg, vocab, layout, s, fractions) for s in range(layout.pp)]
+    flipped = [stage_memory(cfg, vocab, layout, s, fractions, recompute=not tr.recompute)
+               for s in range(layout.pp)]
+    fpt = train_flops_per_token(cfg, vocab, fractions)
+    passes = passes_per_token(cfg, fractions)
+    tokens = tr.global_batch_size * cfg.data.seq_length
+    peak = peak_tflops if peak_tflops is not None else _peak(gpu)
+    t_iter = fpt * tokens / (layout.world * peak * 1e12 * mfu) if peak else None
+    days = t_iter * tr.train_iters / 86400 if t_iter is not None else None
+    problems = []
+    budget = (gpu_memory_gb - reserve_gb) * GiB
+    for s in stages:
+        if s.peak > budget:
+            problems.append(f"stage {s.pp_rank}: estimated peak {s.peak / GiB:.1f} GiB exceeds "
+                            f"{gpu_memory_gb:g} GiB per GPU less {reserve_gb:g} GiB reserved")
+    problems += layout_problems(cfg, layout)
+    dp_batch = tr.micro_batch_size * layout.dp
+    return Plan(config=config_name, layout=layout, vocab=vocab, gpu=gpu,
+                gpu_memory_gb=gpu_memory_gb, reserve_gb=reserve_gb, mfu=mfu,
+                total_params=total_params(cfg, vocab),
+                non_embedding_params=non_embedding_params(cfg, vocab), stages=stages,
+                stages_recompute_flip=flipped, flops_per_token=fpt,
+                kaplan_flops_per_token=6.0 * total_params(cfg, vocab) * passes,
+                passes_per_token=passes, tokens_per_iter=tokens, time_per_iter_s=t_iter,
+                train_days=days, micro_batches=max(1, tr.global_batch_size // dp_batch),
+                problems=problems)
+
+
+def layout_problems(cfg: Config, layout: Layout) -> list[str]:
+    """Layouts the code refuses or that cannot work, whatever the memory."""
+    tr, lat, par, m = cfg.train, cfg.latent, cfg.parallel, cfg.model
+    k_max = 1 if lat.method == "vanilla" else lat.max_steps
+    out = []
+    # mirrors LatentStepScheduler's refusals
+    if k_max > 1 and layout.pp > 1:
+        out.append(f"latent.method={lat.method} with K_max > 1 does not run with pipeline "
+                   "parallelism yet (LatentStepScheduler refuses it)")
+    if k_max > 1 and par.sequence_parallel and (lat.method in ("pause", "pondering")
+                                                or not lat.compact):
+        out.append(f"latent.method={lat.method} (compact={lat.compact}) does not run with sequence "
+                   "parallelism yet")
+    if m.tie_embeddings and layout.pp > 1:
+        out.append("model.tie_embeddings with PP > 1: the last stage has no embedding to tie")
+    if m.tie_embeddings and par.zero == "fsdp2" and layout.dp > 1:
+        out.append("model.tie_embeddings with parallel.zero=fsdp2 and DP > 1 is refused (Optimizer)")
+    dp_batch = tr.micro_batch_size * layout.dp
+    if tr.global_batch_size % dp_batch:
+        out.append(f"train.global_batch_size ({tr.global_batch_size}) is not a multiple of "
+                   f"micro_batch_size x DP ({dp_batch})")
+    if layout.gpus_per_node and layout.tp > layout.gpus_per_node:
+        out.append(f"TP {layout.tp} spans nodes ({layout.gpus_per_node} GPUs per node)")
+    return out
+
+
+def _peak(gpu: str) -> float | None:
+    for key, value in PEAK_TFLOPS.items():
+        if key.lower() in gpu.lower():
+            return value
+    return None
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3f}{unit}"
+    return str(int(n))
+
+
+def report(plan: Plan, cfg: Config) -> str:
+    """The human-readable report."""
+    lay, tr, lat = plan.layout, cfg.train, cfg.latent
+    m = cfg.model
+    k_max = 1 if lat.method == "vanilla" else lat.max_steps
+    nodes = f" = {lay.nodes} node(s) x {lay.gpus_per_node} GPUs" if lay.gpus_per_node else ""
+    lines = [
+        f"== plan: {plan.config or 'config'}",
+        f"model      {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
+        f"({m.kv_heads} KV), FFN {m.ffn_hidden_size}, vocab {plan.vocab}, seq {cfg.data.seq_length}"
+        f", {'tied' if m.tie_embeddings else 'untied'} embeddings",
+        f"method     {lat.method} (K_max {k_max}, attention {lat.attention_backend}), precision "
+        f"{tr.precision}, recompute {'on' if tr.recompute else 'off'}",
+        f"layout     TP {lay.tp} x PP {lay.pp} x DP {lay.dp} = {lay.world} GPUs{nodes}; sequence "
+        f"parallel {'on' if cfg.parallel.sequence_parallel else 'off'}; ZeRO "
+        f"{cfg.parallel.zero if lay.dp > 1 else 'n/a (DP 1)'}",
+        f"batch      micro {tr.micro_batch_size} x {plan.micro_batches} micro-batches x DP {lay.dp}"
+        f" = global {tr.global_batch_size} sequences = {plan.tokens_per_iter:,} tokens/iteration",
+        f"params     total {_fmt_count(plan.total_params)} ({plan.total_params:,}); "
+        f"non-embedding {_fmt_count(plan.non_embedding_params)}",
+    ]
+    for s in plan.stages:
+        lines.append(f"  stage {s.pp_rank}: {s.layers} layers, {s.params_local:,} per TP rank, "
+                     f"{s.params_shard:,} per GPU after ZeRO")
+    lines.append(f"memory per GPU (GiB; worst case: every token runs all {k_max} step(s)"
+                 f"{', activations of all micro-batches alive (GPipe)' if lay.pp > 1 else ''})")
+    for s, f in zip(plan.stages, plan.stages_recompute_flip):
+        lines.append(f"  stage {s.pp_rank}:")
+        for name, value in s.terms.items():
+            if value:
+                lines.append(f"    {name:44s} {value / GiB:9.2f}")
+        a = s.activation
+        lines.append(f"      of which per micro-batch: blocks {a.layers / GiB:.2f} (latent K/V "
+                     f"{a.latent_cache / GiB:.2f}, SDPA masks {a.attention_mask / GiB:.2f}), "
+                     f"head/loss {a.head / GiB:.2f}")
+        other = "on" if not tr.recompute else "off"
+        lines.append(f"    {'PEAK':44s} {s.peak / GiB:9.2f}   (backward {s.peak_backward / GiB:.2f}, "
+                     f"optimizer step {s.peak_optimizer / GiB:.2f}; with recompute {other}: "
+                     f"{f.peak / GiB:.2f})")
+    lines.append(f"FLOPs/token  {plan.flops_per_token:.4g} exact (flops.py, {plan.passes_per_token:.2f}"
+                 f" passes/token); 6N x passes = {plan.kaplan_flops_per_token:.4g}")
+    if plan.time_per_iter_s is not None:
+        tok_s = plan.tokens_per_iter / plan.time_per_iter_s
+        lines.append(f"time         {plan.time_per_iter_s:.2f} s/iteration at MFU {plan.mfu:g} on "
+                     f"{lay.world} x {plan.gpu} ({tok_s:,.0f} tokens/s); {tr.train_iters:,} "
+                     f"iterations = {plan.train_days:.2f} days, "
+                     f"{plan.flops_per_token * plan.tokens_per_iter * tr.train_iters:.3g} FLOPs")
+    else:
+        lines.append(f"time         unknown peak TFLOP/s for {plan.gpu!r} (pass --peak-tflops)")
+    if plan.problems:
+        lines.append("DOES NOT FIT / WILL NOT RUN:")
+        lines += [f"  - {p}" for p in plan.problems]
+    else:
+        lines.append(f"OK: fits in {plan.gpu_memory_gb:g} GiB per GPU ({plan.reserve_gb:g} GiB "
+                     "reserved for the CUDA context, NCCL buffers and fragmentation)")
+    return "\n".join(lines)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def resolve_vocab(cfg: Config, tp: int, override: int | None) -> int:
+    """``--vocab-size``, else model.vocab_size, else the tokenizer's vocab padded like training."""
+    if override is not None:
+        return override
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    if cfg.data.tokenizer_model:
+        try:
+            from megatron_latentcot.data.tokenizer import build_tokenizer
+            from megatron_latentcot.model.llama import padded_vocab_size
+
+            tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+            return padded_vocab_size(cfg.model, tok.vocab_size, tp)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"model.vocab_size is null and the tokenizer could not be read "
+                              f"({e}); pass --vocab-size") from None
+    raise ConfigError("model.vocab_size is null and no tokenizer is configured: pass --vocab-size")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (examples/configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="overrides like parallel.tensor_model_parallel_size=8")
+    p.add_argument("--world-size", type=int, help="GPUs in all (default TP x PP)")
+    p.add_argument("--nodes", type=int, help="nodes (with --gpus-per-node)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node")
+    p.add_argument("--gpu", default="H100", help=f"device for peak TFLOP/s: {', '.join(PEAK_TFLOPS)}")
+    p.add_argument("--peak-tflops", type=float, help="override the device's dense bf16 peak")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU (GiB)")
+    p.add_argument("--reserve-gb", type=float, default=4.0,
+                   help="GiB per GPU kept for the CUDA context, NCCL buffers, fragmentation")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time")
+    p.add_argument("--vocab-size", type=int, help="embedding rows when model.vocab_size is null")
+    p.add_argument("--active-fractions", help="adaptive: share of tokens running each step, "
+                   "e.g. 1,0.9,0.8,0.7 (default: all, the worst case)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the report")
+    p.add_argument("--check", action="store_true", help="exit 3 when the layout cannot fit or run")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        layout = make_layout(cfg, args.world_size, args.nodes, args.gpus_per_node)
+        vocab = resolve_vocab(cfg, layout.tp, args.vocab_size)
+        fractions = ([float(x) for x in args.active_fractions.split(",")]
+                     if args.active_fractions else None)
+        plan = make_plan(cfg, layout, vocab, args.gpu, args.gpu_memory_gb, args.mfu,
+                         args.peak_tflops, fractions, args.config, args.reserve_gb)
+    except (ConfigError, ValueError) as e:
+        print(f"plan error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=1, default=str) if args.json else report(plan, cfg))
+    return 3 if args.check and not plan.fits else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
