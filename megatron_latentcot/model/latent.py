@@ -240,7 +240,7 @@ class LatentStepScheduler:
         n = rows * seq
         loss, plan = getattr(baselines, method)(self.stage, mb, k)
         if method == "pause":  # one pass over the K-times longer sequence
-            records = [StepRecord(n * k, n * k, visible_pairs(plan))]
+            records = [StepRecord(n * k, n, visible_pairs(plan))]  # K slots per real token
         else:
             records = [StepRecord(n, n, visible_pairs(plan))] * k
         # pondering: K-1 extra LM heads and K-1 expected-embedding matmuls, all with gradient
