@@ -322,6 +322,9 @@ def validate(cfg: Config) -> None:
                  and sum(par.pipeline_layers) == m.num_layers,
                  f"parallel.pipeline_layers ({par.pipeline_layers}): expected {pp} positive "
                  f"counts summing to model.num_layers ({m.num_layers})")
+    _require(not (m.tie_embeddings and pp > 1),
+             "model.tie_embeddings: not supported with parallel.pipeline_model_parallel_size > 1 "
+             "(the embedding and the LM head live on different stages)")
     _require(not par.sequence_parallel or tp > 1,
              "parallel.sequence_parallel: needs parallel.tensor_model_parallel_size > 1")
     _require(not par.sequence_parallel
