@@ -123,6 +123,8 @@ def test_param_shapes_per_stage_equal_the_model(ctx, variant, pp):
     """Per pipeline stage: embedding/pause on the first, norm/head/router on the last."""
     from megatron_latentcot.model.llama import LlamaStage
 
+    if "model.tie_embeddings=true" in SMALL_VARIANTS[variant] and pp > 1:
+        pytest.skip("tied embeddings need PP = 1 (config validation refuses them)")
     layers = ["model.num_layers=6", "parallel.pipeline_layers=[1,2,3]"] if pp == 3 else \
         ["model.num_layers=4"]
     cfg = _small(SMALL_VARIANTS[variant] + layers + [f"parallel.pipeline_model_parallel_size={pp}"])
