@@ -122,6 +122,16 @@ class TrainConfig:
     save_interval: int = 0  # 0 = save only at the end
     load: str | None = None
     keep_last: int = 2
+    # A failed save (full disk, unwritable directory) stops training; true = warn at every
+    # failed save and keep training unsaved.
+    continue_on_save_error: bool = False
+    # Stop after this many iterations in a row with a non-finite loss or gradient (each one's
+    # update is skipped); 0 = never stop.
+    max_skipped_in_a_row: int = 10
+    # Log an iteration (and its samples) whose loss exceeds this factor x the mean of the last
+    # loss_spike_window losses; 0 disables.
+    loss_spike_factor: float = 2.0
+    loss_spike_window: int = 20
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
     wandb_mode: str = "offline"
@@ -374,6 +384,10 @@ def validate(cfg: Config) -> None:
              "train.log_interval > 0, train.eval_interval >= 0, train.eval_iters >= 0")
     _require(tr.save_interval >= 0 and tr.keep_last >= 1,
              "train.save_interval >= 0 and train.keep_last >= 1")
+    _require(tr.max_skipped_in_a_row >= 0, "train.max_skipped_in_a_row: expected >= 0 (0 = never stop)")
+    _require(tr.loss_spike_factor == 0 or tr.loss_spike_factor > 1,
+             f"train.loss_spike_factor: expected 0 (off) or > 1, got {tr.loss_spike_factor}")
+    _require(tr.loss_spike_window >= 2, "train.loss_spike_window: expected >= 2")
     _require(tr.wandb_mode in ("offline", "online", "disabled"),
              f"train.wandb_mode: expected offline, online or disabled, got {tr.wandb_mode!r}")
 

@@ -1,14 +1,22 @@
 """Entry point: ``python -m megatron_latentcot.pretrain --config X.yaml [section.field=value ...]``.
 
 Run it under ``torchrun`` for several processes; alone it is a world of one.
+
+Exit codes (``megatron_latentcot.training.faults``): 0 done; 1 error (bad checkpoint, failed save,
+non-finite losses, failed collective); 2 bad config or launch; 3 preempted by SIGTERM/SIGUSR1
+after saving a checkpoint: requeue the job with ``train.load`` = ``train.save``; 4 a hung rank
+was ended by the watchdog. For Slurm, e.g. ``#SBATCH --signal=USR1@120`` and
+``srun python -m megatron_latentcot.pretrain ... ; [ $? -eq 3 ] && scontrol requeue $SLURM_JOB_ID``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_latentcot.config import ConfigError, load_config
+from megatron_latentcot.training.faults import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,17 +34,37 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(cfg.to_yaml(), end="")
-            return 0
-        from megatron_latentcot.parallel import destroy_distributed
+            return EXIT_OK
+        from megatron_latentcot.parallel import LaunchError, destroy_distributed
+        from megatron_latentcot.training.checkpoint import CheckpointError
+        from megatron_latentcot.training.faults import (
+            CollectiveError,
+            TrainingHalted,
+            is_collective_failure,
+        )
         from megatron_latentcot.training.loop import Trainer
 
-        trainer = Trainer(cfg)
-        trainer.train()
+        try:
+            result = Trainer(cfg).train()
+        except LaunchError as e:
+            print(f"launch error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        except (CheckpointError, TrainingHalted, CollectiveError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_FAILURE
+        except Exception as e:  # e.g. a rendezvous timeout: a peer never joined
+            if not is_collective_failure(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: rank {os.environ.get('RANK', '0')}: distributed setup failed "
+                  f"({type(e).__name__}: {first}); another rank probably died or never "
+                  "started, see its log", file=sys.stderr, flush=True)
+            return EXIT_FAILURE
         destroy_distributed()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_CONFIG
+    return int(result.get("exit_code", EXIT_OK))
 
 
 if __name__ == "__main__":

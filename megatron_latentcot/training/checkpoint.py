@@ -9,18 +9,22 @@ checkpoint, and the manifest's checksums catch a file damaged afterwards.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_latentcot.parallel import ParallelContext
+from megatron_latentcot.training.faults import fault_point
+
+if TYPE_CHECKING:  # parallel.py imports megatron-core: keep this module light
+    from megatron_latentcot.parallel import ParallelContext
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -46,11 +50,15 @@ def _to_local_cpu(tree: Any) -> Any:
 
 def _fsync_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # do not leave a partial file filling the disk
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,68 +97,123 @@ def layout(ctx: ParallelContext) -> dict[str, int]:
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "world": ctx.world_size}
 
 
+def _clear_stale(root: Path) -> None:
+    """Remove leftovers of interrupted saves and prunes (never a complete ``iter_*``)."""
+    for p in root.glob(".iter_*"):
+        if p.name.endswith((".tmp", ".deleting")) or (
+                p.name.endswith(".old") and (root / p.name[1:-4]).is_dir()):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in [*root.glob("*.partial"), *root.glob(".write_probe.*")]:
+        p.unlink(missing_ok=True)
+
+
+def agree(ctx: ParallelContext, error: str | None) -> None:
+    """Collective: raise the same CheckpointError on every rank if any rank had ``error``."""
+    if ctx.world_size > 1:
+        errors: list[str | None] = [None] * ctx.world_size
+        dist.all_gather_object(errors, error)
+    else:
+        errors = [error]
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if failed:
+        raise CheckpointError("; ".join(failed))
+
+
 def save_checkpoint(save_dir: str | Path, iteration: int, payload: dict[str, Any],
                     manifest: dict[str, Any], ctx: ParallelContext, keep_last: int,
                     protect: str | None = None) -> Path:
     """Write this rank's ``payload`` (model/optimizer state dicts may hold DTensors).
 
-    Collective: every rank must call it. ``protect`` names a checkpoint never to prune
-    (the one this run resumed from).
+    Collective: every rank must call it, and every rank raises the same CheckpointError when
+    any rank fails (unwritable directory, full disk), with the previous checkpoint and
+    ``latest`` untouched. ``protect`` names a checkpoint never to prune (the one this run
+    resumed from).
     """
     root = Path(save_dir)
     name = f"iter_{iteration:07d}"
     final, tmp = root / name, root / f".{name}.tmp"
+    untouched = "the previous checkpoint and 'latest' are untouched"
+    error = None
     if ctx.rank == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            _clear_stale(root)
             tmp.mkdir()
         except OSError as e:
-            raise CheckpointError(f"{root}: cannot create checkpoint directory ({e})") from e
-    _barrier(ctx)
+            error = f"cannot create checkpoint directory {tmp} ({e})"
+    agree(ctx, error)
+    fault_point("save:start", iteration=iteration)
     rank_file = tmp / f"rank_{ctx.rank:05d}.pt"
+    digest = error = None
     try:
-        import io
-
         buf = io.BytesIO()
         torch.save(_to_local_cpu(payload), buf)
         _fsync_write(rank_file, buf.getvalue())
+        digest = _sha256(rank_file)
     except OSError as e:
-        raise CheckpointError(f"{rank_file}: cannot write checkpoint ({e}); the previous "
-                              "checkpoint is untouched") from e
-    digests = [None] * ctx.world_size if ctx.world_size > 1 else None
-    mine = (rank_file.name, _sha256(rank_file))
-    if digests is not None:
-        dist.all_gather_object(digests, mine)
+        error = f"cannot write {rank_file} ({e})"
+    fault_point("save:after_rank_file", iteration=iteration)
+    if ctx.world_size > 1:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, (rank_file.name, digest, error))
     else:
-        digests = [mine]
+        gathered = [(rank_file.name, digest, error)]
+    failed = [f"rank {r}: {e}" for r, (_, _, e) in enumerate(gathered) if e]
+    if failed:  # every rank knows: all raise the same error, no further collective
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs
+        raise CheckpointError(f"{'; '.join(failed)}; {untouched}")
+    error = None
     if ctx.rank == 0:
-        full = dict(manifest, iteration=iteration, layout=layout(ctx),
-                    files=dict(digests))  # type: ignore[arg-type]
-        _fsync_write(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _fsync_write(root / LATEST, f"{name}\n".encode())
-        _fsync_dir(root)
+        try:
+            full = dict(manifest, iteration=iteration, layout=layout(ctx),
+                        files={f: d for f, d, _ in gathered})
+            _fsync_write(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
+            _fsync_dir(tmp)
+            fault_point("save:before_rename", iteration=iteration)
+            old = root / f".{name}.old"
+            if final.exists():  # a leftover of an interrupted run: move it aside, not delete
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            shutil.rmtree(old, ignore_errors=True)
+            fault_point("save:before_latest", iteration=iteration)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"cannot finish {final} ({e}); {untouched}"
+        else:
+            try:
+                _fsync_write(root / LATEST, f"{name}\n".encode())
+                _fsync_dir(root)
+            except OSError as e:
+                error = (f"wrote {final} but cannot update {root / LATEST} ({e}); 'latest' "
+                         "still names the previous checkpoint")
+    agree(ctx, error)
+    if ctx.rank == 0:
+        fault_point("save:before_prune", iteration=iteration)
         _prune(root, keep_last, protect={name, protect})
     _barrier(ctx)
     return final
 
 
 def _prune(root: Path, keep_last: int, protect: set[str | None]) -> None:
+    """Delete all but the newest ``keep_last``; rename first, so no half-deleted ``iter_*``."""
     ckpts = sorted(p for p in root.glob("iter_*") if p.is_dir())
     for old in ckpts[:-keep_last]:
         if old.name not in protect:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = root / f".{old.name}.deleting"
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _barrier(ctx: ParallelContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete-looking ``iter_*`` directories (with a manifest), oldest first."""
+    return sorted(p for p in Path(root).glob("iter_*") if (p / MANIFEST).is_file())
 
 
 def latest_checkpoint(load_dir: str | Path) -> Path | None:
@@ -159,31 +222,84 @@ def latest_checkpoint(load_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.exists():
         return None
-    name = pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: unreadable ({e})") from e
     path = root / name
-    if not name.startswith("iter_") or not (path / MANIFEST).is_file():
-        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint")
+    if not name.startswith("iter_") or "/" in name or not (path / MANIFEST).is_file():
+        hint = ""
+        if (root / f".{name}.old").is_dir():
+            hint = (f"; a save was interrupted while replacing it: rename {root / f'.{name}.old'} "
+                    f"to {path}")
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint{hint}")
     return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path / MANIFEST}: not a checkpoint manifest")
+    return manifest
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Problems with every file of a checkpoint (checksums, missing files); [] when sound."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as e:
+        return [str(e)]
+    problems = []
+    for fname, digest in manifest["files"].items():
+        f = path / fname
+        if not f.is_file():
+            problems.append(f"{f}: missing")
+        elif _sha256(f) != digest:
+            problems.append(f"{f}: checksum mismatch")
+    return problems
 
 
 def load_checkpoint(path: Path, ctx: ParallelContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read and verify this rank's payload. Returns (payload, manifest)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({e})") from e
+    manifest = read_manifest(path)
     if manifest.get("layout") != layout(ctx):
         raise CheckpointError(
             f"{path}: saved with parallel layout {manifest.get('layout')}, this run is "
             f"{layout(ctx)}; resume with the same tensor/pipeline/data-parallel sizes")
     rank_file = path / f"rank_{ctx.rank:05d}.pt"
-    expected = manifest.get("files", {}).get(rank_file.name)
+    expected = manifest["files"].get(rank_file.name)
     if expected is None or not rank_file.is_file():
         raise CheckpointError(f"{rank_file}: missing from the checkpoint")
     if _sha256(rank_file) != expected:
-        raise CheckpointError(f"{rank_file}: checksum mismatch (file corrupt or truncated)")
-    payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{rank_file}: checksum mismatch (file corrupt or truncated); "
+                              f"resume from an earlier checkpoint by pointing {path.parent / LATEST} "
+                              "at it")
+    try:
+        payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+    except Exception as e:  # checksum matched, so this is a bug or a foreign file
+        raise CheckpointError(f"{rank_file}: cannot be read ({e})") from e
+    state = payload.get("state", {}) if isinstance(payload, dict) else {}
+    for key in ("iteration", "consumed_tokens", "train_flops"):
+        if key in manifest and state.get(key) != manifest[key]:
+            raise CheckpointError(f"{rank_file}: {key} is {state.get(key)!r} but the manifest says "
+                                  f"{manifest[key]!r} (files of different saves mixed?)")
     return payload, manifest
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any],
+                sections: tuple[str, ...] | None = None,
+                ignore: tuple[str, ...] = ()) -> list[str]:
+    """``section.field: saved -> current`` for every differing field."""
+    out = []
+    for sec in sections or tuple(sorted(set(saved) | set(current))):
+        a, b = saved.get(sec) or {}, current.get(sec) or {}
+        for key in sorted(set(a) | set(b)):
+            if f"{sec}.{key}" not in ignore and a.get(key) != b.get(key):
+                out.append(f"{sec}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
 
 
 @torch.no_grad()

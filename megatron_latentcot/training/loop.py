@@ -3,6 +3,12 @@
 Reads top to bottom: ``Trainer.__init__`` builds everything, ``train`` iterates, logs,
 evaluates and checkpoints. Every rank runs the same code; only the last pipeline stage sees
 losses, and only the logging rank prints.
+
+Faults (see ``faults.py`` for the exit codes): an iteration with a non-finite loss or gradient
+skips its update, and ``train.max_skipped_in_a_row`` of them in a row stop the run; a loss spike
+logs the iteration's samples; SIGTERM/SIGUSR1 save at the next iteration boundary and return
+``exit_code = EXIT_REQUEUE``; a failed or timed-out collective raises ``CollectiveError`` naming
+the rank and the phase; a failed save stops the run (or warns, if configured).
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +29,15 @@ from megatron_latentcot.config import Config, ConfigError
 from megatron_latentcot.flops import peak_tflops
 from megatron_latentcot.model.latent import LatentStepScheduler
 from megatron_latentcot.model.llama import LlamaStage, init_weights, padded_vocab_size
-from megatron_latentcot.parallel import ParallelContext, init_distributed
+from megatron_latentcot.parallel import LaunchError, ParallelContext, init_distributed
 from megatron_latentcot.training import checkpoint as ckpt
+from megatron_latentcot.training.faults import (
+    EXIT_OK,
+    EXIT_REQUEUE,
+    CollectiveGuard,
+    PreemptionHandler,
+    TrainingHalted,
+)
 from megatron_latentcot.training.lr_schedule import learning_rate
 from megatron_latentcot.training.metrics import MetricsLogger, format_line, peak_memory_gb
 from megatron_latentcot.training.optimizer import Optimizer
@@ -36,6 +51,8 @@ class TrainState:
     consumed_tokens: int = 0
     train_flops: float = 0.0
     skipped_iterations: int = 0
+    skipped_in_a_row: int = 0
+    recent_losses: list[float] = dataclasses.field(default_factory=list)  # loss-spike window
 
 
 def _to_device(mb: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -53,6 +70,9 @@ class Engine:
         self.optimizer = Optimizer(self.model, cfg, ctx)
         self.scheduler = LatentStepScheduler(self.model, cfg)
         self.state = TrainState()
+        coords = f" (tp {ctx.tp_rank}, pp {ctx.pp_rank}, dp {ctx.dp_rank})" if ctx.world_size > 1 else ""
+        self.guard = CollectiveGuard(ctx.rank, ctx.world_size, cfg.parallel.timeout_minutes * 60,
+                                     coords=coords)
 
     def _autocast(self):
         if self.cfg.train.precision == "bf16":
@@ -76,17 +96,31 @@ class Engine:
         return (t[0] / t[1].clamp(min=1)).item()
 
     def train_step(self, microbatches: list[dict]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches of the global batch."""
-        stats = self.run(microbatches, forward_only=False)
+        """One optimizer step over this rank's micro-batches of the global batch.
+
+        The update is skipped (gradients dropped, the iteration still counts and consumes its
+        batch) when the loss or the gradient norm is not finite; every rank agrees, as both
+        are reduced over all ranks first.
+        """
+        with self.guard.phase("forward/backward (pipeline send/recv, FSDP gather/scatter)"):
+            stats = self.run(microbatches, forward_only=False)
+        with self.guard.phase("loss all-reduce over data/pipeline ranks"):
+            metrics = self.reduce_stats(stats)
         lr = learning_rate(self.cfg.train, self.state.iteration)
-        grad_norm, applied = self.optimizer.step(lr)
-        metrics = self.reduce_stats(stats)
-        tr = self.cfg.train
-        self.state.iteration += 1
-        self.state.consumed_samples += tr.global_batch_size
-        self.state.consumed_tokens += tr.global_batch_size * self.cfg.data.seq_length
-        self.state.train_flops += metrics["flops"]
-        self.state.skipped_iterations += 0 if applied else 1
+        losses = [metrics[k] for k in ("lm_loss", "adaptive_loss") if k in metrics]
+        if all(math.isfinite(v) for v in losses):
+            with self.guard.phase("optimizer step (gradient and grad-norm all-reduce)"):
+                grad_norm, applied = self.optimizer.step(lr)
+        else:
+            self.optimizer.zero_grad()
+            grad_norm, applied = math.nan, False
+        tr, st = self.cfg.train, self.state
+        st.iteration += 1
+        st.consumed_samples += tr.global_batch_size
+        st.consumed_tokens += tr.global_batch_size * self.cfg.data.seq_length
+        st.train_flops += metrics["flops"]
+        st.skipped_iterations += 0 if applied else 1
+        st.skipped_in_a_row = 0 if applied else st.skipped_in_a_row + 1
         return dict(metrics, lr=lr, grad_norm=grad_norm, skipped=float(not applied))
 
     def reduce_stats(self, stats: list[dict[str, float]]) -> dict[str, float]:
@@ -136,9 +170,14 @@ class Trainer:
         self.tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
         vocab = padded_vocab_size(cfg.model, self.tokenizer.vocab_size, ctx.tp_size)
         self.engine = Engine(cfg, ctx, vocab)
+        self.preempt = PreemptionHandler()
         self.resumed_from: str | None = None
+        self.last_saved: int | None = None  # iteration of the newest checkpoint of this run
+        self.save_attempted: int | None = None  # iteration of the last save tried
+        self._check_output_dir()
         if tr.load:
-            self._load(tr.load)
+            with self.engine.guard.phase("checkpoint load"):
+                self._load(tr.load)
         evals = (tr.train_iters // tr.eval_interval + 1) if tr.eval_interval else 1
         n_train = tr.train_iters * tr.global_batch_size
         n_eval = evals * tr.eval_iters * tr.global_batch_size
@@ -193,44 +232,165 @@ class Trainer:
         return out
 
     # -- checkpoints ----------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Save (collective). A failure raises, or warns when ``continue_on_save_error``."""
         tr = self.cfg.train
         assert tr.save
+        self.save_attempted = self.state.iteration
         payload = {"model": self.engine.model.state_dict(),
                    "optimizer": self.engine.optimizer.optimizer.state_dict(),
                    "rng": ckpt.rng_state(), "state": dataclasses.asdict(self.state)}
         manifest = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.fingerprint,
                     "consumed_tokens": self.state.consumed_tokens,
                     "train_flops": self.state.train_flops}
-        path = ckpt.save_checkpoint(tr.save, self.state.iteration, payload, manifest, self.ctx,
-                                    tr.keep_last, protect=self.resumed_from)
+        try:
+            with self.engine.guard.phase("checkpoint save"):
+                path = ckpt.save_checkpoint(tr.save, self.state.iteration, payload, manifest,
+                                            self.ctx, tr.keep_last, protect=self.resumed_from)
+        except ckpt.CheckpointError as e:
+            last = (f"iter_{self.last_saved:07d}" if self.last_saved is not None else "none")
+            msg = (f"checkpoint at iteration {self.state.iteration} failed: {e} (last good "
+                   f"checkpoint: {last})")
+            if not tr.continue_on_save_error:
+                raise ckpt.CheckpointError(f"{msg}. Training stopped; set "
+                                           "train.continue_on_save_error=true to go on unsaved") from e
+            self.warn(f"WARNING: {msg}; training continues UNSAVED "
+                      "(train.continue_on_save_error=true)")
+            return None
+        self.last_saved = self.state.iteration
         self.log.print(f"  saved checkpoint {path}")
         return path
 
+    def _check_output_dir(self) -> None:
+        """``train.save`` must be writable (collective), and must not hold another run's
+        checkpoints unless ``train.load`` resumes it."""
+        tr = self.cfg.train
+        if not tr.save:
+            return
+        error = None
+        try:
+            probe = Path(tr.save) / f".write_probe.{self.ctx.rank}"
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            error = f"train.save={tr.save} is not writable ({e})"
+        try:
+            ckpt.agree(self.ctx, error)
+        except ckpt.CheckpointError as e:
+            if not tr.continue_on_save_error:
+                raise
+            self.warn(f"WARNING: {e}; training anyway (train.continue_on_save_error=true)")
+        if tr.load and Path(tr.load).resolve() == Path(tr.save).resolve():
+            return
+        found = ckpt.list_checkpoints(tr.save)
+        if not found:
+            return
+        try:
+            saved = ckpt.read_manifest(found[-1]).get("config", {})
+        except ckpt.CheckpointError:
+            saved = {}
+        diff = ckpt.config_diff(saved, self.cfg.to_dict(), ignore=("train.load", "train.save"))
+        if diff:
+            raise LaunchError(
+                f"train.save={tr.save} holds checkpoints of another run ({found[-1].name}, "
+                f"config differs: {'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}). Set "
+                f"train.load={tr.save} to resume that run on purpose, or choose another train.save")
+        self.warn(f"WARNING: train.save={tr.save} holds checkpoints of a run with the same config "
+                  f"(newest {found[-1].name}) and train.load is not set: starting from scratch, "
+                  "overwriting them as this run saves")
+
     def _load(self, load_dir: str) -> None:
-        path = ckpt.latest_checkpoint(load_dir)
-        if path is None:
+        """Restore everything from ``load_dir``'s latest checkpoint; all ranks fail together."""
+        error, loaded = None, None
+        try:
+            path = ckpt.latest_checkpoint(load_dir)
+            if path is not None:
+                payload, manifest = ckpt.load_checkpoint(path, self.ctx)
+                self._check_compatible(path, manifest)
+                loaded = path, payload
+        except ckpt.CheckpointError as e:
+            error = str(e)
+        ckpt.agree(self.ctx, error)
+        if loaded is None:
             self.log_print_early(f"no checkpoint in {load_dir}: starting from scratch")
             return
-        payload, manifest = ckpt.load_checkpoint(path, self.ctx)
-        if manifest.get("tokenizer") != self.tokenizer.fingerprint:
-            raise ckpt.CheckpointError(f"{path}: saved with a different tokenizer")
+        path, payload = loaded
         ckpt.restore_model(self.engine.model, payload["model"])
         ckpt.restore_optimizer(self.engine.optimizer.optimizer, payload["optimizer"])
         ckpt.set_rng_state(payload["rng"])
         self.engine.state = TrainState(**payload["state"])
         self.resumed_from = path.name
+        self.last_saved = self.save_attempted = self.state.iteration
         self.log_print_early(f"resumed from {path} at iteration {self.state.iteration}")
+
+    def _check_compatible(self, path: Path, manifest: dict[str, Any]) -> None:
+        if manifest.get("tokenizer") != self.tokenizer.fingerprint:
+            raise ckpt.CheckpointError(f"{path}: saved with a different tokenizer")
+        saved, now = manifest.get("config", {}), self.cfg.to_dict()
+        diff = ckpt.config_diff(saved, now, sections=("model",)) + [
+            d for d in ckpt.config_diff(saved, now, sections=("latent",))
+            if d.startswith("latent.method:")]
+        if diff:
+            raise ckpt.CheckpointError(f"{path}: saved with a different model ({'; '.join(diff)}); "
+                                       "resume with the checkpoint's model settings")
 
     def log_print_early(self, message: str) -> None:
         if self.ctx.is_logging_rank:
             print(message, flush=True)
 
+    def warn(self, message: str) -> None:
+        if self.ctx.is_logging_rank:
+            print(message, file=sys.stderr, flush=True)
+
+    # -- numeric guards ---------------------------------------------------------------------
+    def _on_skipped(self, step: dict[str, float], samples: tuple[int, int]) -> None:
+        st, tr = self.state, self.cfg.train
+        it, n = st.iteration, st.skipped_in_a_row
+        what = "loss" if not math.isfinite(step["lm_loss"]) else "gradient norm"
+        self.warn(f"WARNING: iter {it}: non-finite {what} (loss {step['lm_loss']}, grad norm "
+                  f"{step['grad_norm']}): update skipped ({n} in a row, {st.skipped_iterations} "
+                  f"in total); batch = train samples [{samples[0]}, {samples[1]})")
+        self.log.log(it, {"loss": step["lm_loss"], "grad_norm": step["grad_norm"], "in_a_row": n,
+                          "first_sample": samples[0], "end_sample": samples[1]}, "skipped")
+        if tr.max_skipped_in_a_row and n >= tr.max_skipped_in_a_row:
+            raise TrainingHalted(
+                f"stopping at iteration {it}: {n} iterations in a row ({it - n + 1}..{it}) had a "
+                f"non-finite loss or gradient (train.max_skipped_in_a_row = "
+                f"{tr.max_skipped_in_a_row}); their updates were skipped. Resume from an earlier "
+                "checkpoint with a lower train.lr, or inspect the data")
+
+    def _check_spike(self, loss: float, samples: tuple[int, int]) -> None:
+        st, tr = self.state, self.cfg.train
+        window = st.recent_losses
+        if tr.loss_spike_factor and len(window) >= min(tr.loss_spike_window, 5):
+            mean = sum(window) / len(window)
+            if loss > tr.loss_spike_factor * mean:
+                self.warn(f"WARNING: iter {st.iteration}: loss spike {loss:.4f} > "
+                          f"{tr.loss_spike_factor:g} x running mean {mean:.4f}; batch = train "
+                          f"samples [{samples[0]}, {samples[1]})")
+                self.log.log(st.iteration, {"loss": loss, "running_mean": mean,
+                                            "first_sample": samples[0], "end_sample": samples[1]},
+                             "loss_spike")
+        window.append(loss)
+        del window[:-tr.loss_spike_window]
+
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        """Train to ``train.train_iters`` (or a preemption signal). Collective."""
+        self.preempt.install()
+        self.engine.guard.start()
+        try:
+            return self._train()
+        finally:
+            self.engine.guard.stop()
+            self.preempt.restore()
+            self.log.close()
+
+    def _train(self) -> dict[str, Any]:
         from megatron_latentcot.data.dataset import micro_batches
 
-        tr = self.cfg.train
+        tr, guard = self.cfg.train, self.engine.guard
         batch_iter = micro_batches(self.train_ds, self.state.consumed_samples,
                                    tr.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size)
         history: list[float] = []
@@ -241,6 +401,12 @@ class Trainer:
             window_flops += step["flops"]
             window_tokens += tr.global_batch_size * self.cfg.data.seq_length
             it = self.state.iteration
+            samples = (self.state.consumed_samples - tr.global_batch_size,
+                       self.state.consumed_samples)
+            if step["skipped"]:
+                self._on_skipped(step, samples)
+            else:
+                self._check_spike(step["lm_loss"], samples)
             if it % tr.log_interval == 0 or it == tr.train_iters:
                 dt = time.time() - t0
                 n_iter = (it - 1) % tr.log_interval + 1
@@ -253,13 +419,33 @@ class Trainer:
                 self.log.print(format_line(it, tr.train_iters, s))
                 self.log.log(it, {k: v for k, v in s.items() if v is not None})
                 t0, window_flops, window_tokens = time.time(), 0.0, 0
+            with guard.phase("preemption-flag all-reduce"):
+                signum = self.preempt.requested(self.ctx.world_size, self.ctx.device)
+            if signum:
+                return self._preempted(signum, history)
             if tr.eval_interval and it % tr.eval_interval == 0 and it < tr.train_iters:
-                self._eval_and_log()
+                with guard.phase("evaluation"):
+                    self._eval_and_log()
             if tr.save and tr.save_interval and it % tr.save_interval == 0:
                 self.save()
-        final = self._eval_and_log()
-        if tr.save:
+        with guard.phase("evaluation"):
+            final = self._eval_and_log()
+        if tr.save and self.save_attempted != self.state.iteration:
             self.save()
-        self.log.close()
         return {"losses": history, "iteration": self.state.iteration,
-                "train_flops": self.state.train_flops, **final}
+                "train_flops": self.state.train_flops, "exit_code": EXIT_OK,
+                "skipped_iterations": self.state.skipped_iterations, **final}
+
+    def _preempted(self, signum: int, history: list[float]) -> dict[str, Any]:
+        """Save at this boundary (unless just saved) and report ``EXIT_REQUEUE``."""
+        tr, it = self.cfg.train, self.state.iteration
+        name = signal.Signals(signum).name
+        saved = bool(tr.save) and (self.last_saved == it or (
+            self.save_attempted != it and self.save() is not None))
+        code = EXIT_REQUEUE if saved else 128 + signum
+        self.log.print(f"preempted by {name} at iteration {it}: "
+                       f"{f'checkpoint iter_{it:07d} saved' if saved else 'NOTHING SAVED'}; "
+                       f"exiting with code {code}" + (" (requeue)" if saved else ""))
+        return {"losses": history, "iteration": it, "train_flops": self.state.train_flops,
+                "exit_code": code, "preempted": name,
+                "skipped_iterations": self.state.skipped_iterations}

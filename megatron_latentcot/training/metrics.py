@@ -1,6 +1,8 @@
 """Console progress, TensorBoard, JSONL and (optional, offline by default) wandb logging.
 
 Only the logging rank (first rank of the last pipeline stage, which sees the loss) writes.
+A log that cannot be written (unwritable directory, full disk) warns once and is dropped:
+losing metrics must not stop training; checkpoint failures are handled separately.
 """
 
 from __future__ import annotations
@@ -34,10 +36,16 @@ class MetricsLogger:
         if tb_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(tb_dir)
+            try:
+                self.tb = SummaryWriter(tb_dir)
+            except OSError as e:
+                self._drop("tb", f"TensorBoard logging to {tb_dir}", e)
         if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(log_dir / "metrics.jsonl", "a")  # noqa: SIM115
+            try:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                self.jsonl = open(log_dir / "metrics.jsonl", "a")  # noqa: SIM115
+            except OSError as e:
+                self._drop("jsonl", f"{log_dir / 'metrics.jsonl'}", e)
         if cfg.train.wandb_project and cfg.train.wandb_mode != "disabled":
             try:
                 import wandb
@@ -55,11 +63,25 @@ class MetricsLogger:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{split}/{k}", v, iteration)
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"split": split, "iteration": iteration,
-                                         "time": time.time(), **scalars}) + "\n")
-            self.jsonl.flush()
+            try:
+                self.jsonl.write(json.dumps({"split": split, "iteration": iteration,
+                                             "time": time.time(), **scalars}) + "\n")
+                self.jsonl.flush()
+            except OSError as e:
+                self._drop("jsonl", "metrics.jsonl", e)
         if self.wandb is not None:
             self.wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=iteration)
+
+    def _drop(self, attr: str, what: str, error: OSError) -> None:
+        print(f"WARNING: cannot write {what} ({error}); continuing without it", file=sys.stderr,
+              flush=True)
+        handle = getattr(self, attr)
+        setattr(self, attr, None)
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
 
     def print(self, message: str) -> None:
         if self.enabled:

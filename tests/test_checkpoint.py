@@ -1,0 +1,209 @@
+"""Checkpoint faults, for real: SIGKILL mid-save, flipped and truncated bytes, a full tmpfs, a
+read-only directory, an exceeded file-size limit. ``checkpoint.py`` imports no megatron-core, so
+these run in the test process (and in forked children that are killed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_latentcot.training import checkpoint as ckpt
+
+CTX = SimpleNamespace(rank=0, world_size=1, tp_size=1, pp_size=1, dp_size=1)
+POINTS = ["save:start", "save:after_rank_file", "save:before_rename", "save:before_latest",
+          "save:before_prune"]
+
+
+def _save(root: Path, it: int, numel: int = 1000, keep_last: int = 2,
+          protect: str | None = None) -> Path:
+    payload = {"model": {"w": torch.arange(numel, dtype=torch.float32) * it},
+               "state": {"iteration": it, "consumed_tokens": 10 * it, "train_flops": 1.5 * it}}
+    manifest = {"config": {"model": {"hidden_size": 8}}, "consumed_tokens": 10 * it,
+                "train_flops": 1.5 * it}
+    return ckpt.save_checkpoint(root, it, payload, manifest, CTX, keep_last, protect)
+
+
+def _load_latest(root: Path) -> int:
+    path = ckpt.latest_checkpoint(root)
+    assert path is not None
+    payload, manifest = ckpt.load_checkpoint(path, CTX)
+    it = manifest["iteration"]
+    assert torch.equal(payload["model"]["w"], torch.arange(1000, dtype=torch.float32) * it)
+    return it
+
+
+def _in_killed_child(fn, fault: str) -> int:
+    """Run ``fn`` in a forked child with ``$MLC_FAULT``; return the signal that ended it."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.environ["MLC_FAULT"] = fault
+            fn()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_sigkill_inside_save_keeps_a_complete_latest(tmp_path, point):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    assert _in_killed_child(lambda: _save(tmp_path, 3), f"{point}=kill") == signal.SIGKILL
+    latest = _load_latest(tmp_path)
+    assert latest == (3 if point == "save:before_prune" else 2)
+    for path in ckpt.list_checkpoints(tmp_path):  # whatever looks complete is complete
+        assert ckpt.verify_checkpoint(path) == [], path
+    # The run resumes from ``latest`` and saves the same iteration again: leftovers are cleared.
+    _save(tmp_path, 3)
+    _save(tmp_path, 4)
+    assert _load_latest(tmp_path) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000003", "iter_0000004", "latest"]
+
+
+def test_corrupt_truncated_or_missing_rank_file_is_detected(tmp_path):
+    path = _save(tmp_path, 1)
+    rank_file = path / "rank_00000.pt"
+    good = rank_file.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01
+    rank_file.write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match="rank_00000.pt: checksum mismatch"):
+        ckpt.load_checkpoint(path, CTX)
+    assert ckpt.verify_checkpoint(path) == [f"{rank_file}: checksum mismatch"]
+    rank_file.write_bytes(good[:-100])
+    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
+        ckpt.load_checkpoint(path, CTX)
+    rank_file.unlink()
+    with pytest.raises(ckpt.CheckpointError, match="missing from the checkpoint"):
+        ckpt.load_checkpoint(path, CTX)
+
+
+def test_broken_manifest_or_latest_pointer_is_a_clear_error(tmp_path):
+    path = _save(tmp_path, 1)
+    (tmp_path / "latest").write_text("iter_0000009\n")
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.latest_checkpoint(tmp_path)
+    (tmp_path / "latest").write_text("iter_0000001\n")
+    (path / "manifest.json").write_text("{ truncated")
+    with pytest.raises(ckpt.CheckpointError, match="unreadable manifest"):
+        ckpt.load_checkpoint(path, CTX)
+
+
+def test_manifest_must_agree_with_the_rank_file(tmp_path):
+    """Cumulative tokens and FLOPs in the manifest are checked against the saved state."""
+    path = _save(tmp_path, 2)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["train_flops"] = 99.0
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="train_flops is 3.0 but the manifest says 99.0"):
+        ckpt.load_checkpoint(path, CTX)
+
+
+def test_other_parallel_layout_or_model_fails_clearly(tmp_path):
+    path = _save(tmp_path, 1)
+    other = SimpleNamespace(rank=0, world_size=2, tp_size=2, pp_size=1, dp_size=1)
+    with pytest.raises(ckpt.CheckpointError, match="saved with parallel layout .* same tensor"):
+        ckpt.load_checkpoint(path, other)
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(ckpt.CheckpointError, match="does not match the model"):
+        ckpt.restore_model(model, {"w": torch.zeros(3)})
+    with pytest.raises(ckpt.CheckpointError, match=r"has shape \(3, 5\), the model expects \(3, 4\)"):
+        ckpt.restore_model(model, {"weight": torch.zeros(3, 5), "bias": torch.zeros(3)})
+    diff = ckpt.config_diff({"model": {"hidden_size": 64}, "train": {"lr": 1.0}},
+                            {"model": {"hidden_size": 32}, "train": {"lr": 1.0}})
+    assert diff == ["model.hidden_size: 64 -> 32"]
+
+
+def test_prune_keeps_last_n_and_the_resumed_from_checkpoint(tmp_path):
+    for it in range(1, 6):
+        _save(tmp_path, it, keep_last=2, protect="iter_0000001")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000001", "iter_0000004", "iter_0000005", "latest"]
+
+
+def _mount_tmpfs(path: Path, size: str, options: str = "") -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    opts = f"size={size}" + (f",{options}" if options else "")
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs: room for one 1.2 MB checkpoint, not for two."""
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, "2m"):
+        pytest.skip("needs root with CAP_SYS_ADMIN to mount a tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_during_save_leaves_previous_checkpoint(small_tmpfs):
+    root = small_tmpfs / "ckpt"
+    _save(root, 1, numel=300_000)
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device.*previous checkpoint"):
+        _save(root, 2, numel=300_000)
+    assert ckpt.latest_checkpoint(root).name == "iter_0000001"
+    assert ckpt.verify_checkpoint(root / "iter_0000001") == []
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000001", "latest"]  # space freed
+    # Once space is freed, saving works again.
+    shutil.rmtree(root / "iter_0000001")
+    _save(root, 3, numel=300_000)
+    assert ckpt.latest_checkpoint(root).name == "iter_0000003"
+
+
+def test_unwritable_checkpoint_directory(tmp_path):
+    root = tmp_path / "ckpt"
+    _save(root, 1)
+    if os.geteuid() == 0:  # root ignores permissions: make the directory a read-only mount
+        if not _mount_tmpfs(root, "1m"):
+            pytest.skip("root without CAP_SYS_ADMIN cannot make a read-only directory")
+        try:
+            _save(root, 1)
+            subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+            with pytest.raises(ckpt.CheckpointError, match="cannot create checkpoint directory.*"
+                               "Read-only file system"):
+                _save(root, 2)
+            assert _load_latest(root) == 1
+        finally:
+            subprocess.run(["umount", "-l", str(root)], check=False)
+    else:
+        root.chmod(0o555)
+        try:
+            with pytest.raises(ckpt.CheckpointError, match="cannot create checkpoint directory"):
+                _save(root, 2)
+            assert _load_latest(root) == 1
+        finally:
+            root.chmod(0o755)
+
+
+def test_file_size_limit_during_save(tmp_path):
+    """A kernel-enforced write failure (RLIMIT_FSIZE -> EFBIG) in a child; works unprivileged."""
+    _save(tmp_path, 1)
+
+    def child() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+        try:
+            _save(tmp_path, 2)
+        except ckpt.CheckpointError as e:
+            assert "File too large" in str(e) and "untouched" in str(e), e
+            os._exit(7)
+
+    assert _in_killed_child(child, "") == -7
+    assert _load_latest(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest"]
