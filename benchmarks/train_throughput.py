@@ -62,7 +62,7 @@ class ModelShape:
 
 CPU_SHAPES = [
     ModelShape("tiny", 256, 4, 4, 688, 8192, 256, 4, warmup=2, repeats=5),
-    ModelShape("~100M", 768, 12, 12, 2048, 32000, 512, 1, warmup=1, repeats=3),
+    ModelShape("~100M", 768, 12, 12, 2048, 32000, 512, 1, warmup=1, repeats=5),
 ]
 CPU_QUICK = [ModelShape("tiny", 256, 4, 4, 688, 8192, 256, 4, warmup=1, repeats=3)]
 GPU_SHAPES = [
