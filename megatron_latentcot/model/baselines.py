@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 
 from megatron_latentcot.loss import masked_mean, token_cross_entropy, vocab_parallel_softmax
-from megatron_latentcot.model.attention import causal_plan
-from megatron_latentcot.model.llama import LlamaStage
+from megatron_latentcot.model.attention import AttentionPlan, causal_plan
+from megatron_latentcot.model.llama import LayerRun, LlamaStage
 
 
 def _batch(stage: LlamaStage, mb: dict):
@@ -30,13 +32,17 @@ def _lm_loss(stage: LlamaStage, z: torch.Tensor, mb: dict) -> torch.Tensor:
     return masked_mean(ce, mb["loss_mask"].reshape(-1))
 
 
-# Each returns (LM loss, the attention plan every pass used).
+# Each returns (LM loss, the attention plan every pass used); ``looped`` as a step generator.
 
-def looped(stage: LlamaStage, mb: dict, repeats: int):
+def looped(stage: LlamaStage, mb: dict,
+           repeats: int) -> Generator[LayerRun, torch.Tensor, tuple[torch.Tensor, AttentionPlan]]:
+    """A step generator (like ``LatentStepScheduler.steps``): each repeat is one layer run, so
+    the pipeline can send the last stage's output back to the first."""
     tokens, rows, seq, positions, plan = _batch(stage, mb)
-    h = stage.embed(tokens.reshape(-1))
+    slots = torch.arange(rows * seq, device=tokens.device)
+    h = None  # the first run embeds the tokens
     for _ in range(repeats):
-        h, _ = stage.run_layers(h, positions, plan)
+        h = yield LayerRun(h, slots, positions, plan, past=False)
     return _lm_loss(stage, stage.final_norm(h), mb), plan
 
 

@@ -14,6 +14,7 @@ Methods: ``vanilla`` (K = 1), ``latent_fixed`` (every token K steps, z^f = z^(K)
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +23,8 @@ from megatron_latentcot.config import METHODS, Config, ConfigError
 from megatron_latentcot.flops import latent_train_flops
 from megatron_latentcot.loss import masked_mean, token_cross_entropy
 from megatron_latentcot.model import baselines
-from megatron_latentcot.model.attention import causal_plan, latent_plan, visible_pairs
-from megatron_latentcot.model.llama import LlamaStage, upcast
+from megatron_latentcot.model.attention import AttentionPlan, causal_plan, latent_plan, visible_pairs
+from megatron_latentcot.model.llama import LayerRun, LlamaStage, upcast
 from megatron_latentcot.model.router import Decision, route
 
 
@@ -59,9 +60,13 @@ class LatentStepScheduler:
         from megatron.core import parallel_state
 
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        if self.max_steps > 1 and cfg.parallel.pipeline_model_parallel_size > 1:
-            raise ConfigError(f"latent.method={lat.method!r} with max_steps > 1 does not yet run "
-                              "with pipeline parallelism; use tensor, sequence or data parallel")
+        if self.max_steps > 1 and cfg.parallel.pipeline_model_parallel_size > 1 and (
+                lat.method in ("pause", "pondering") or cfg.parallel.sequence_parallel
+                or not lat.compact):
+            raise ConfigError(f"latent.method={lat.method!r} (compact={lat.compact}, sequence_parallel="
+                              f"{cfg.parallel.sequence_parallel}) does not yet run with pipeline "
+                              "parallelism; with PP > 1 use vanilla, looped, latent_fixed or adaptive, "
+                              "compact, without sequence parallelism")
         if self.max_steps > 1 and cfg.parallel.sequence_parallel and (
                 lat.method in ("pause", "pondering") or not lat.compact):
             raise ConfigError(f"latent.method={lat.method!r} (compact={lat.compact}) does not yet "
@@ -69,8 +74,9 @@ class LatentStepScheduler:
 
     # -- pipeline-stage interface ------------------------------------------------------------
     def stage_forward(self, mb: dict, x: torch.Tensor | None):
-        """One stage's pass of micro-batch ``mb``; returns (output or loss, stats)."""
-        if self.max_steps == 1 and not self.stage.post_process:
+        """One stage's pass of micro-batch ``mb`` in the one-pass (GPipe) schedule: a middle
+        stage of a K = 1 model, or the whole model; returns (output or loss, stats)."""
+        if not self.stage.post_process:
             return self._token_pass(mb, x)[0], {}
         out = self.forward(mb, x)
         return out.loss, self.stats(out, mb)
@@ -84,21 +90,62 @@ class LatentStepScheduler:
         h, kv = stage.run_layers(h, positions, plan)
         return h, kv, plan
 
-    # -- the latent loop -------------------------------------------------------------------
+    @property
+    def cache_across_steps(self) -> bool:
+        """Later steps attend to earlier steps' K/V (the latent loop), or not (looped)."""
+        return self.cfg.latent.method in ("latent_fixed", "adaptive")
+
+    def step_plan(self, mb: dict, q_slots: torch.Tensor, key_slots: torch.Tensor | None,
+                  key_live: torch.Tensor | None = None) -> AttentionPlan:
+        """The attention plan of one layer run: causal over all slots, or the latent 2-D rule
+        for queries ``q_slots`` over the cache ``key_slots`` (None = the token pass)."""
+        rows, seq = mb["tokens"].shape
+        doc = mb.get("doc_ids")
+        if key_slots is None:
+            return causal_plan(rows, seq, doc, self.stage.attention_backend)
+        return latent_plan(q_slots, key_slots, key_live, rows, seq,
+                           None if doc is None else doc.reshape(-1), self.stage.attention_backend)
+
     def forward(self, mb: dict, x: torch.Tensor | None = None) -> LatentOutput:
+        """Every step on this stage's layers (the whole model, or the last stage of K = 1)."""
+        method = self.cfg.latent.method
+        if method in ("pondering", "pause") and self.max_steps > 1:
+            return self._baseline(mb)
+        steps = self.steps(mb)
+        request, cache = next(steps), None
+        while True:
+            inp = request.x
+            if inp is None:  # the token pass: embed here, or what the previous stage sent
+                inp = self.stage.embed(mb["tokens"].reshape(-1)) if self.stage.pre_process else x
+            h, kv = self.stage.run_layers(inp, request.positions, request.plan,
+                                          past=cache if request.past else None)
+            cache = kv
+            try:
+                request = steps.send(h)
+            except StopIteration as done:
+                return done.value
+
+    def steps(self, mb: dict) -> Generator[LayerRun, torch.Tensor, LatentOutput]:
+        """The method as a sequence of layer runs: yields what to run through the layers,
+        receives the layers' output, returns the losses. Any driver (one stage, or the pipeline
+        across stages in ``training/latent_pipeline.py``) runs the same steps."""
+        if self.cfg.latent.method == "looped" and self.max_steps > 1:
+            return (yield from self._looped_steps(mb))
+        return (yield from self._latent_steps(mb))
+
+    # -- the latent loop -------------------------------------------------------------------
+    def _latent_steps(self, mb: dict) -> Generator[LayerRun, torch.Tensor, LatentOutput]:
         stage, lat = self.stage, self.cfg.latent
         tokens = mb["tokens"]
         rows, seq = tokens.shape
         n, device = rows * seq, tokens.device
         labels = mb["labels"].reshape(-1)
         loss_mask = mb["loss_mask"].reshape(-1)
-        doc = mb.get("doc_ids")
-        doc_flat = doc.reshape(-1) if doc is not None else None
         positions = torch.arange(seq, device=device).repeat(rows)
+        all_slots = torch.arange(n, device=device)
 
-        if lat.method in ("looped", "pondering", "pause") and self.max_steps > 1:
-            return self._baseline(mb)
-        h, cache, plan = self._token_pass(mb, x)
+        plan = self.step_plan(mb, all_slots, None)
+        h = yield LayerRun(None, all_slots, positions, plan, past=False)
         if self.max_steps == 1:  # the token pass alone (z^f = z^(1)); token-sharded under SP
             lm_loss = masked_mean(token_cross_entropy(stage.logits(stage.final_norm(h)), labels),
                                   loss_mask)
@@ -106,7 +153,6 @@ class LatentStepScheduler:
                                 steps=torch.ones(n, dtype=torch.long, device=device),
                                 records=[StepRecord(n, n, visible_pairs(plan))])
         sp = stage.sequence_parallel
-        all_slots = torch.arange(n, device=device)
         # ``active``: token slot of each row of this rank's h (its shard under SP);
         # ``q_slots``: the step's queries across the TP group (== active without SP);
         # ``live``: which rows really execute (None = all; dead rows are uncompacted halted
@@ -160,9 +206,8 @@ class LatentStepScheduler:
                 ptarget_tokens += q_slots.numel()
                 term = loss_mask[active] * p_target.pow(lat.adaptive_loss_beta) * reach
                 adaptive_sum = adaptive_sum + (term if live is None else term * live).sum()
-            plan = latent_plan(q_slots, key_slots, key_live, rows, seq, doc_flat,
-                               stage.attention_backend)
-            h, cache = stage.run_layers(h_in.to(h.dtype), positions[q_slots], plan, past=cache)
+            plan = self.step_plan(mb, q_slots, key_slots, key_live)
+            h = yield LayerRun(h_in.to(h.dtype), q_slots, positions[q_slots], plan, past=True)
 
         if sp:  # each rank mixed the tokens it ran: sum, then back to this rank's shard
             from megatron.core.tensor_parallel import (
@@ -234,11 +279,18 @@ class LatentStepScheduler:
         mine = slice(rank * chunk, (rank + 1) * chunk)
         return all_slots[mine], all_reach[mine], all_z[mine], all_live[mine], all_slots, all_live
 
+    def _looped_steps(self, mb: dict) -> Generator[LayerRun, torch.Tensor, LatentOutput]:
+        loss, plan = yield from baselines.looped(self.stage, mb, self.max_steps)
+        return self._baseline_output(mb, loss, plan)
+
     def _baseline(self, mb: dict) -> LatentOutput:
+        loss, plan = getattr(baselines, self.cfg.latent.method)(self.stage, mb, self.max_steps)
+        return self._baseline_output(mb, loss, plan)
+
+    def _baseline_output(self, mb: dict, loss: torch.Tensor, plan: AttentionPlan) -> LatentOutput:
         method, k = self.cfg.latent.method, self.max_steps
         rows, seq = mb["tokens"].shape
         n = rows * seq
-        loss, plan = getattr(baselines, method)(self.stage, mb, k)
         if method == "pause":  # one pass over the K-times longer sequence
             records = [StepRecord(n * k, n, visible_pairs(plan))]  # K slots per real token
         else:

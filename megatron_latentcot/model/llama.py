@@ -209,6 +209,22 @@ def stage_layers(num_layers: int, pp_size: int, explicit: list[int] | None) -> l
     return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+@dataclass
+class LayerRun:
+    """One request to run a stage's layers (a step of a method; see ``LatentStepScheduler.steps``).
+
+    ``x`` None means the token pass input: the token embedding on the first stage, else what the
+    previous stage sent. ``slots``: the packed token slots the rows stand for (they tell the
+    other pipeline stages which tokens run); ``past``: attend to earlier runs' cached K/V.
+    """
+
+    x: torch.Tensor | None
+    slots: torch.Tensor
+    positions: torch.Tensor
+    plan: AttentionPlan
+    past: bool
+
+
 class LlamaStage(nn.Module):
     """The layers of one pipeline stage (the whole model when PP = 1).
 

@@ -31,6 +31,7 @@ from megatron_latentcot.model.latent import LatentStepScheduler
 from megatron_latentcot.model.llama import LlamaStage, init_weights, padded_vocab_size
 from megatron_latentcot.parallel import LaunchError, ParallelContext, init_distributed
 from megatron_latentcot.training import checkpoint as ckpt
+from megatron_latentcot.training import latent_pipeline
 from megatron_latentcot.training.faults import (
     EXIT_OK,
     EXIT_REQUEUE,
@@ -40,7 +41,7 @@ from megatron_latentcot.training.faults import (
 )
 from megatron_latentcot.training.lr_schedule import learning_rate
 from megatron_latentcot.training.metrics import MetricsLogger, format_line, peak_memory_gb
-from megatron_latentcot.training.optimizer import Optimizer
+from megatron_latentcot.training.optimizer import Optimizer, no_weight_decay
 from megatron_latentcot.training.pipeline import forward_backward
 
 
@@ -85,6 +86,10 @@ class Engine:
                 return self.scheduler.stage_forward(mb, x)
 
         mbs = [_to_device(mb, self.ctx.device) for mb in microbatches]
+        if self.ctx.pp_size > 1 and self.scheduler.max_steps > 1:  # steps loop through stages
+            return latent_pipeline.forward_backward(
+                self.scheduler, mbs, self.ctx, torch.float32, self.optimizer.set_gradient_sync,
+                forward_only=forward_only, autocast=self._autocast)
         return forward_backward(stage_forward, mbs, self.ctx, torch.float32,
                                 self.optimizer.set_gradient_sync, forward_only=forward_only)
 
@@ -241,7 +246,7 @@ class Trainer:
                    "optimizer": self.engine.optimizer.optimizer.state_dict(),
                    "rng": ckpt.rng_state(), "state": dataclasses.asdict(self.state)}
         manifest = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.fingerprint,
-                    "consumed_tokens": self.state.consumed_tokens,
+                    "vocab_size": self.engine.vocab, "consumed_tokens": self.state.consumed_tokens,
                     "train_flops": self.state.train_flops}
         try:
             with self.engine.guard.phase("checkpoint save"):
@@ -301,36 +306,99 @@ class Trainer:
                   "overwriting them as this run saves")
 
     def _load(self, load_dir: str) -> None:
-        """Restore everything from ``load_dir``'s latest checkpoint; all ranks fail together."""
-        error, loaded = None, None
+        """Restore everything from ``load_dir``'s latest checkpoint; all ranks fail together.
+
+        A checkpoint of another parallel layout (TP, PP or DP size, FSDP2 sharding, pipeline
+        split) is re-sliced for this one (``reshard.py``): weights, AdamW states, iteration,
+        data position and LR schedule are restored exactly. RNG states are per rank and do not
+        carry over to another layout: every RNG is then reseeded from ``train.seed`` and the
+        iteration, and the log says so.
+        """
+        from megatron_latentcot.training import reshard
+
+        error, path, payload, files = None, None, None, None
         try:
             path = ckpt.latest_checkpoint(load_dir)
             if path is not None:
-                payload, manifest = ckpt.load_checkpoint(path, self.ctx)
+                manifest = ckpt.read_manifest(path)
                 self._check_compatible(path, manifest)
-                loaded = path, payload
+                files = reshard.RankFiles(path, manifest)
+                if self._same_layout(manifest, files):
+                    payload, _ = ckpt.load_checkpoint(path, self.ctx)
+                else:  # every rank checksums its share of the files; all read them after
+                    mine = files.ranks[self.ctx.rank::self.ctx.world_size]
+                    error = "; ".join(files.verify(mine)) or None
         except ckpt.CheckpointError as e:
             error = str(e)
         ckpt.agree(self.ctx, error)
-        if loaded is None:
+        if path is None:
             self.log_print_early(f"no checkpoint in {load_dir}: starting from scratch")
             return
-        path, payload = loaded
+        assert files is not None
+        saved, now = files.layout, ckpt.layout(self.ctx)
+        if payload is None:
+            opt = self.engine.optimizer
+            decay_all = bool(files.manifest["config"].get("train", {}).get(
+                "decay_norms_and_embeddings", False))
+            error = None
+            try:
+                payload = reshard.resliced_payload(
+                    files, self.ctx, self.engine.model, opt.optimizer, opt.layouts,
+                    no_decay=lambda name: no_weight_decay(name, decay_all))
+            except ckpt.CheckpointError as e:
+                error = (f"{path}: cannot re-slice it from tp={saved['tp']} pp={saved['pp']} "
+                         f"dp={saved['dp']} to tp={now['tp']} pp={now['pp']} dp={now['dp']}: {e}")
+            ckpt.agree(self.ctx, error)
+        assert payload is not None
         ckpt.restore_model(self.engine.model, payload["model"])
         ckpt.restore_optimizer(self.engine.optimizer.optimizer, payload["optimizer"])
-        ckpt.set_rng_state(payload["rng"])
         self.engine.state = TrainState(**payload["state"])
+        it = self.state.iteration
+        if "rng" in payload:
+            ckpt.set_rng_state(payload["rng"])
+            how = ""
+        elif saved == now:  # re-sliced for another FSDP2 sharding or pipeline split only
+            ckpt.set_rng_state(files.payload(self.ctx.rank)["rng"])
+            how = (", re-sliced for this run's FSDP2 sharding / pipeline split (weights and "
+                   "AdamW states exact)")
+        else:
+            seed = ckpt.reseed(self.cfg.train.seed, it)
+            how = (f", re-sliced from tp={saved['tp']} pp={saved['pp']} dp={saved['dp']} to "
+                   f"tp={now['tp']} pp={now['pp']} dp={now['dp']} (weights and AdamW states "
+                   f"exact); RNG states NOT restored (they are per rank): python/numpy/torch "
+                   f"reseeded with {seed} from train.seed={self.cfg.train.seed} and the iteration")
         self.resumed_from = path.name
-        self.last_saved = self.save_attempted = self.state.iteration
-        self.log_print_early(f"resumed from {path} at iteration {self.state.iteration}")
+        self.last_saved = self.save_attempted = it
+        self.log_print_early(f"resumed from {path} at iteration {it}{how}")
+
+    def _same_layout(self, manifest: dict[str, Any], files: Any) -> bool:
+        """Whether this rank's own file fits as it is (else the checkpoint is re-sliced)."""
+        saved = manifest.get("config", {}).get("parallel", {})
+        return (manifest.get("layout") == ckpt.layout(self.ctx)
+                and files.dp_sharded == self.engine.optimizer.sharded
+                and (self.ctx.pp_size == 1
+                     or saved.get("pipeline_layers") == self.cfg.parallel.pipeline_layers))
 
     def _check_compatible(self, path: Path, manifest: dict[str, Any]) -> None:
+        """The same tokenizer, model shape (vocabulary rows included) and method."""
         if manifest.get("tokenizer") != self.tokenizer.fingerprint:
             raise ckpt.CheckpointError(f"{path}: saved with a different tokenizer")
         saved, now = manifest.get("config", {}), self.cfg.to_dict()
-        diff = ckpt.config_diff(saved, now, sections=("model",)) + [
+        padding = ("model.vocab_size", "model.make_vocab_size_divisible_by")  # compared as rows
+        diff = ckpt.config_diff(saved, now, sections=("model",), ignore=padding) + [
             d for d in ckpt.config_diff(saved, now, sections=("latent",))
             if d.startswith("latent.method:")]
+        rows = manifest.get("vocab_size")
+        if rows is None:  # saved before manifests recorded it: pad as that run did
+            m, tp = saved.get("model", {}), (manifest.get("layout") or {}).get("tp", 1)
+            rows = padded_vocab_size(dataclasses.replace(
+                self.cfg.model, vocab_size=m.get("vocab_size"),
+                make_vocab_size_divisible_by=m.get("make_vocab_size_divisible_by", 128)),
+                self.tokenizer.vocab_size, tp)
+        if rows != self.engine.vocab:
+            hint = (f", set model.vocab_size={rows} to keep the checkpoint's padding"
+                    if rows >= self.tokenizer.vocab_size and rows % self.ctx.tp_size == 0 else "")
+            diff.append(f"embedding rows (padded vocabulary): {rows} -> {self.engine.vocab}{hint}")
         if diff:
             raise ckpt.CheckpointError(f"{path}: saved with a different model ({'; '.join(diff)}); "
                                        "resume with the checkpoint's model settings")
