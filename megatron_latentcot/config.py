@@ -170,7 +170,10 @@ def _check_value(where: str, value: Any, annotation: Any) -> Any:
             try:
                 return _check_value(where, value, option)
             except ConfigError as e:
-                errors.append(str(e))
+                # The error of the option the value's type is (a NaN for ``str | float``) says
+                # more than the first option's.
+                same_type = isinstance(option, type) and isinstance(value, option)
+                errors.insert(0 if same_type else len(errors), str(e))
         raise ConfigError(errors[0] if errors else f"{where}: unexpected null")
     if origin is list:
         (item,) = typing.get_args(annotation)

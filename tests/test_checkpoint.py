@@ -1,6 +1,7 @@
 """Checkpoint faults, for real: SIGKILL mid-save, flipped and truncated bytes, a full tmpfs, a
-read-only directory, an exceeded file-size limit. ``checkpoint.py`` imports no megatron-core, so
-these run in the test process (and in forked children that are killed)."""
+read-only directory, an exceeded file-size limit; and re-slicing for another parallel layout
+(``reshard.py``) on synthetic rank files. Neither module imports megatron-core, so these run in
+the test process (and in forked children that are killed)."""
 
 from __future__ import annotations
 
@@ -207,3 +208,148 @@ def test_file_size_limit_during_save(tmp_path):
     assert _in_killed_child(child, "") == -7
     assert _load_latest(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest"]
+
+
+# -- re-slicing for another layout (reshard.py), on synthetic rank files: no processes ----------
+def _fused_split_full() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"qkv.weight": torch.randn(8 + 4 + 4, 6, generator=g),  # fused q (8) / k (4) / v (4)
+            "o.weight": torch.randn(6, 8, generator=g),  # row-parallel: split along dim 1
+            "norm.weight": torch.randn(7, generator=g)}  # replicated over TP, 7 rows: uneven DP
+
+
+LAYOUTS = {"qkv.weight": ("fused", [8, 4, 4]), "o.weight": ("split", 1),
+           "norm.weight": ("replicated", None)}
+
+
+def test_tp_and_fsdp2_pieces_invert_stitching():
+    from megatron_latentcot.training import reshard
+
+    for name, full in _fused_split_full().items():
+        kind, info = LAYOUTS[name]
+        for tp in (1, 2, 4):
+            pieces = [reshard.tp_piece(kind, info, full, tp, r) for r in range(tp)]
+            assert torch.equal(reshard.stitch(kind, info, pieces), full), (name, tp)
+    # FSDP2's Shard(0): torch.chunk rows, empty shards at the end
+    for rows, dp in ((7, 2), (5, 4), (2, 4), (8, 4)):
+        t = torch.arange(rows)
+        chunks = list(t.chunk(dp)) + [t[:0]] * (dp - len(t.chunk(dp)))
+        for r in range(dp):
+            assert torch.equal(t[reshard.dp_rows(rows, dp, r)], chunks[r]), (rows, dp, r)
+
+
+def _synthetic_checkpoint(root: Path, full: dict[str, torch.Tensor], tp: int, dp: int) -> Path:
+    """A TP x DP checkpoint with FSDP2-sharded weights and AdamW states, as Trainer.save writes."""
+    from megatron_latentcot.training import reshard
+
+    path = root / "iter_0000004"
+    path.mkdir(parents=True)
+    files = {}
+    names = list(full)
+    for rank in range(tp * dp):
+        t, d = rank % tp, rank // tp
+        model, state = {}, {}
+        for i, name in enumerate(names):
+            kind, info = LAYOUTS[name]
+            piece = reshard.tp_piece(kind, info, full[name], tp, t)
+            local = piece[reshard.dp_rows(piece.shape[0], dp, d)]
+            model[name] = local.clone()
+            state[i] = {"step": torch.tensor(4.0), "exp_avg": local * 0.5, "exp_avg_sq": local ** 2}
+        model["qkv._extra_state"] = None
+        payload = {"model": model, "state": {"iteration": 4, "consumed_samples": 32},
+                   "optimizer": {"state": state, "param_groups": [
+                       {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95), "params": [0, 1],
+                        "param_names": names[:2]},
+                       {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.95), "params": [2],
+                        "param_names": names[2:]}]}}
+        f = path / f"rank_{rank:05d}.pt"
+        torch.save(payload, f)
+        files[f.name] = ckpt._sha256(f)
+    manifest = {"layout": {"tp": tp, "pp": 1, "dp": dp, "world": tp * dp}, "files": files,
+                "iteration": 4, "config": {"parallel": {"zero": "fsdp2"}}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+class _Stage(torch.nn.Module):
+    """Parameters named like the synthetic checkpoint's, shaped for TP rank ``tp_rank`` of ``tp``."""
+
+    def __init__(self, full: dict[str, torch.Tensor], tp: int, tp_rank: int):
+        from megatron_latentcot.training import reshard
+
+        super().__init__()
+        for name, t in full.items():
+            piece = reshard.tp_piece(*LAYOUTS[name], t, tp, tp_rank)
+            mod = torch.nn.Module()
+            mod.weight = torch.nn.Parameter(torch.zeros_like(piece))
+            self.add_module(name.split(".")[0], mod)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [(n, p) for n, p in self.named_parameters() if not n.startswith("norm")]},
+             {"params": [(n, p) for n, p in self.named_parameters() if n.startswith("norm")],
+              "weight_decay": 0.0}])
+
+
+@pytest.mark.parametrize("tp,tp_rank", [(1, 0), (2, 1), (4, 3)])
+def test_tp2_dp2_fsdp2_checkpoint_is_resliced_exactly(tmp_path, tp, tp_rank):
+    from megatron_latentcot.training import reshard
+
+    full = _fused_split_full()
+    path = _synthetic_checkpoint(tmp_path, full, tp=2, dp=2)
+    files = reshard.RankFiles(path, json.loads((path / "manifest.json").read_text()))
+    assert files.dp_sharded and files.verify(files.ranks) == []
+    assert all(torch.equal(files.gather(LAYOUTS)[n], full[n]) for n in full)
+    stage = _Stage(full, tp, tp_rank)
+    ctx = SimpleNamespace(rank=tp_rank, world_size=tp, tp_size=tp, tp_rank=tp_rank, pp_size=1,
+                          dp_size=1, dp_rank=0)
+    payload = reshard.resliced_payload(files, ctx, stage, stage.optimizer, LAYOUTS)
+    assert payload["state"] == {"iteration": 4, "consumed_samples": 32}
+    ckpt.restore_model(stage, payload["model"])
+    ckpt.restore_optimizer(stage.optimizer, payload["optimizer"])
+    for name, p in stage.named_parameters():
+        mine = reshard.tp_piece(*LAYOUTS[name], full[name], tp, tp_rank)
+        st = stage.optimizer.state[p]
+        assert torch.equal(p.detach(), mine) and torch.equal(st["exp_avg"], mine * 0.5)
+        assert torch.equal(st["exp_avg_sq"], mine ** 2) and st["step"].item() == 4.0
+    assert [g["weight_decay"] for g in stage.optimizer.param_groups] == [0.1, 0.0]
+    assert stage.optimizer.param_groups[0]["betas"] == (0.9, 0.95)  # the checkpoint's
+
+
+def test_resliced_optimizer_state_that_cannot_be_mapped_names_the_field(tmp_path):
+    from megatron_latentcot.training import reshard
+
+    full = _fused_split_full()
+    path = _synthetic_checkpoint(tmp_path, full, tp=2, dp=2)
+    f = path / "rank_00003.pt"
+    payload = torch.load(f, weights_only=False)
+    payload["optimizer"]["state"][1]["exp_avg"] = torch.zeros(5)  # o.weight: not its shape
+    torch.save(payload, f)
+    manifest = json.loads((path / "manifest.json").read_text())
+    files = reshard.RankFiles(path, manifest)
+    assert files.verify(files.ranks) == [f"{f}: checksum mismatch (file corrupt or truncated)"]
+    stage = _Stage(full, 1, 0)
+    ctx = SimpleNamespace(rank=0, world_size=1, tp_size=1, tp_rank=0, pp_size=1, dp_size=1,
+                          dp_rank=0)
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer state 'exp_avg' of o\.weight: "
+                       r"shaped \['\(3, 4\)', '\(5,\)'\], neither a scalar nor like"):
+        reshard.resliced_payload(files, ctx, stage, stage.optimizer, LAYOUTS)
+    small = _Stage({**full, "o.weight": full["o.weight"][:, :6]}, 1, 0)  # another model shape
+    other = _synthetic_checkpoint(tmp_path / "b", full, 2, 2)
+    files = reshard.RankFiles(other, json.loads((other / "manifest.json").read_text()))
+    with pytest.raises(ckpt.CheckpointError, match=r"o\.weight: the checkpoint's tensor has full "
+                       r"shape \(6, 8\), this model's TP rank 0 holds \(6, 6\)"):
+        reshard.resliced_payload(files, ctx, small, small.optimizer, LAYOUTS)
+
+
+def test_optimizer_state_of_files_without_param_names_is_named_by_the_grouping_rule(tmp_path):
+    from megatron_latentcot.training import reshard
+
+    model = {"a.weight": torch.ones(2), "a._extra_state": None, "norm.weight": torch.ones(3),
+             "b.weight": torch.ones(4)}
+    groups = [{"weight_decay": 0.1, "params": [0, 1]}, {"weight_decay": 0.0, "params": [2]}]
+    payload = {"model": model, "optimizer": {"state": {2: {"step": 1}}, "param_groups": groups}}
+    states, hyper = reshard.optimizer_by_name(payload, tmp_path, lambda n: n.startswith("norm"))
+    assert states == {"norm.weight": {"step": 1}}
+    assert hyper["a.weight"]["weight_decay"] == 0.1 and hyper["norm.weight"]["weight_decay"] == 0.0
+    with pytest.raises(ckpt.CheckpointError, match=r"param_groups hold \[2, 1\] parameters, the "
+                       r"model \[3\]: cannot tell which state is whose"):
+        reshard.optimizer_by_name(payload, tmp_path, lambda n: False)

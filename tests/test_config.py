@@ -56,6 +56,19 @@ def test_bad_values_name_the_field(overrides, field):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("blend,message", [
+    ("[x, a, 0.5, b]", "blend weight 'x' is not a number"),
+    ("[-1, a, 2, b]", r"blend weight -1\.0 must be >= 0"),
+    ("[.nan, a, 1, b]", r"data\.data_path\[0\]: expected a finite number, got nan"),
+    ("[.inf, a, 1, b]", r"data\.data_path\[0\]: expected a finite number, got inf"),
+    ("[0, a, 0.0, b]", r"blend weights sum to zero"),
+    ("[0.5, 0.5]", "expected a prefix after weight 0.5"),
+])
+def test_blend_weights_that_do_not_parse_or_sum_to_zero(blend, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"data.data_path={blend}"])
+
+
 def test_vocab_smaller_than_tokenizer_is_an_error():
     from megatron_latentcot.model.llama import padded_vocab_size
 

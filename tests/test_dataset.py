@@ -286,6 +286,26 @@ def test_wrong_tokenizer_and_corrupt_data(tmp_path, sotu, sp_tokenizer, hf_token
                        (10, 0, 0), 1)
 
 
+def test_token_id_beyond_the_vocabulary_without_metadata(tmp_path, sp_tokenizer):
+    """A dataset with no .meta.json (e.g. written by Megatron-LM) is scanned for ids the
+    tokenizer (and so the model: model.vocab_size >= the tokenizer's) does not have; with
+    TP > 1 such an id would be silently masked to a zero embedding and a zero logit."""
+    from megatron_latentcot.data.indexed import IndexedWriter
+
+    vocab = sp_tokenizer.vocab_size
+    for name, bad in (("ok", vocab - 1), ("beyond", vocab + 904)):
+        with IndexedWriter(tmp_path / name, 2 * vocab) as w:  # no metadata
+            for i in range(40):
+                w.add_document([(7 * i + j) % vocab for j in range(50)] + [bad])
+            w.finalize()
+    train, _, _ = build_datasets(cfg([str(tmp_path / "ok")], tmp_path), sp_tokenizer, SEQ,
+                                 (10, 0, 0), 1)
+    assert len(train) >= 10
+    with pytest.raises(IndexedDatasetError, match=rf"beyond\.bin: token ids span \[0, "
+                       rf"{vocab + 904}\], outside the vocabulary \[0, {vocab}\)"):
+        build_datasets(cfg([str(tmp_path / "beyond")], tmp_path), sp_tokenizer, SEQ, (10, 0, 0), 1)
+
+
 def test_interrupted_cache_write_gives_a_clear_error(tmp_path, sotu, sp_tokenizer):
     build_datasets(cfg([sotu], tmp_path), sp_tokenizer, SEQ, (30, 0, 0), 1)
     (shuffle,) = (tmp_path / "cache").glob("*shuffle_index.npy")

@@ -224,6 +224,10 @@ def build_datasets(
         if not check_tokenizer(prefix, tokenizer):
             logger.warning("%s has no .meta.json (not written by tools/preprocess_data.py?): "
                            "cannot check that it was built with %s", prefix, tokenizer.path)
+            # Without the metadata's guarantee (its writer checked every id), scan the ids: one
+            # beyond the vocabulary would index past the embedding, or under TP be silently
+            # masked to a zero embedding and a zero logit.
+            validate_indexed(prefix, vocab_size=tokenizer.vocab_size, check_tokens=True)
         if info.tokens == 0:
             raise DatasetError(f"{prefix}: dataset holds no tokens (empty input?)")
         lengths.append(open_indexed(prefix, validate=False).sequence_lengths)  # a copy

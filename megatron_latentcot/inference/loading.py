@@ -28,6 +28,7 @@ from megatron_latentcot.data.tokenizer import Tokenizer
 from megatron_latentcot.model.latent import LatentStepScheduler
 from megatron_latentcot.model.llama import LlamaStage, logical_parameters
 from megatron_latentcot.parallel import ParallelContext
+from megatron_latentcot.training.reshard import param_layouts  # noqa: F401  (re-exported)
 
 LATENT_CONFIG = "latent_config.json"
 WEIGHTS = "model.safetensors"
@@ -170,117 +171,37 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-@dataclass(frozen=True)
-class _RankPos:
-    tp: int
-    dp: int
-    pp: int
+def _files(ckpt_dir: Path, manifest: dict[str, Any], verify: bool):
+    """The checkpoint's distinct rank files (training/reshard.py), checksummed if ``verify``."""
+    from megatron_latentcot.training.reshard import RankFiles
 
-
-def _rank_positions(layout: dict[str, int]) -> dict[int, _RankPos]:
-    """Global rank -> (tp, dp, pp), megatron's order (tensor fastest, then data, then pipeline)."""
-    tp, dp = layout["tp"], layout["dp"]
-    return {r: _RankPos(r % tp, (r // tp) % dp, r // (tp * dp)) for r in range(layout["world"])}
-
-
-def _read_rank_states(ckpt_dir: Path, manifest: dict[str, Any],
-                      verify: bool) -> dict[int, dict[str, Any]]:
-    from megatron_latentcot.training.checkpoint import _sha256
-
-    layout = manifest["layout"]
-    fsdp_sharded = (manifest["config"]["parallel"].get("zero") == "fsdp2" and layout["dp"] > 1)
-    states = {}
-    for rank, pos in _rank_positions(layout).items():
-        if pos.dp > 0 and not fsdp_sharded:
-            continue  # data-parallel replicas hold the same weights
-        f = ckpt_dir / f"rank_{rank:05d}.pt"
-        expected = manifest["files"].get(f.name)
-        if expected is None or not f.is_file():
-            raise LoadError(f"{f}: missing from the checkpoint")
-        if verify and _sha256(f) != expected:
-            raise LoadError(f"{f}: checksum mismatch (file corrupt or truncated)")
-        payload = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
-        states[rank] = payload["model"]
-    return states
-
-
-def param_layouts(stage: LlamaStage) -> dict[str, tuple[str, Any]]:
-    """State-dict key -> ("fused", logical row counts) | ("split", dim) | ("replicated", None)."""
-    from megatron_latentcot.model.llama import FusedColumnParallelLinear
-
-    out = {}
-    for mname, module in stage.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            key = f"{mname}.{pname}" if mname else pname
-            if isinstance(module, FusedColumnParallelLinear):
-                out[key] = ("fused", list(module.parts.values()))
-            elif getattr(p, "tensor_model_parallel", False):
-                out[key] = ("split", int(p.partition_dim))
-            else:
-                out[key] = ("replicated", None)
-    return out
-
-
-def _stitch(kind: str, info: Any, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """TP-rank pieces (in TP-rank order) -> the full tensor."""
-    if kind == "replicated" or len(pieces) == 1:
-        return pieces[0]
-    if kind == "split":
-        return torch.cat(pieces, dim=info)
-    tp = len(pieces)
-    split = [rows // tp for rows in info]
-    per_rank = [p.split(split, dim=0) for p in pieces]
-    return torch.cat([torch.cat([r[i] for r in per_rank], dim=0) for i in range(len(info))])
+    files = RankFiles(ckpt_dir, manifest)
+    problems = files.verify(files.ranks) if verify else []
+    if problems:
+        raise LoadError(problems[0])
+    return files
 
 
 def gather_checkpoint(ckpt_dir: Path, manifest: dict[str, Any],
-                      layouts: dict[str, tuple[str, Any]] | None, verify: bool = True,
-                      states: dict[int, dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+                      layouts: dict[str, tuple[str, Any]] | None,
+                      verify: bool = True) -> dict[str, torch.Tensor]:
     """Full single-process state dict (parameter names of a TP = 1 stage) from every rank file.
 
     ``layouts`` from :func:`param_layouts` of a TP = 1 model; None is allowed only for TP = 1.
-    ``states``: the rank files' model state dicts when already read.
     """
-    layout = manifest["layout"]
-    positions = _rank_positions(layout)
-    if states is None:
-        states = _read_rank_states(ckpt_dir, manifest, verify)
-    # name -> tp -> dp -> tensor (every stage contributes its own names)
-    pieces: dict[str, dict[int, dict[int, torch.Tensor]]] = {}
-    for rank, state in sorted(states.items()):
-        pos = positions[rank]
-        for name, value in state.items():
-            if not torch.is_tensor(value) or name.endswith("_extra_state"):
-                continue
-            per_tp = pieces.setdefault(name, {})
-            if pos.tp in per_tp and pos.dp in per_tp[pos.tp]:
-                continue  # the same name on two stages (tied embeddings): keep the first
-            per_tp.setdefault(pos.tp, {})[pos.dp] = value
-    full = {}
-    for name, per_tp in pieces.items():
-        if sorted(per_tp) != list(range(layout["tp"])):
-            raise LoadError(f"{name}: found on TP ranks {sorted(per_tp)} of {layout['tp']}")
-        tp_local = [torch.cat([per_tp[t][d] for d in sorted(per_tp[t])], dim=0)
-                    if len(per_tp[t]) > 1 else per_tp[t][0] for t in range(layout["tp"])]
-        if layouts is None:
-            if layout["tp"] != 1:
-                raise LoadError("stitching tensor-parallel slices needs the parameter layouts")
-            full[name] = tp_local[0].clone()
-            continue
-        if name not in layouts:
-            raise LoadError(f"checkpoint tensor {name} is not a parameter of the model")
-        kind, info = layouts[name]
-        full[name] = _stitch(kind, info, tp_local).clone()
-    return full
+    from megatron_latentcot.training.checkpoint import CheckpointError
+
+    try:
+        return _files(ckpt_dir, manifest, verify).gather(layouts)
+    except CheckpointError as e:
+        raise LoadError(str(e)) from e
 
 
-def _vocab_rows(manifest: dict[str, Any], states: dict[int, dict[str, Any]]) -> int:
+def _vocab_rows(files: Any) -> int:
     """Full embedding rows: TP-rank 0's first-stage slice (its DP shards summed) x TP."""
-    layout = manifest["layout"]
-    positions = _rank_positions(layout)
-    rows = sum(s["embed_tokens.weight"].shape[0] for r, s in states.items()
-               if positions[r].pp == 0 and positions[r].tp == 0)
-    return rows * layout["tp"]
+    rows = sum(s["embed_tokens.weight"].shape[0] for r, s in files.model_states().items()
+               if files.positions[r].pp == 0 and files.positions[r].tp == 0)
+    return rows * files.layout["tp"]
 
 
 def _load_tokenizer(cfg: Config, fingerprint: str | None, tokenizer_model: str | Path | None,
@@ -324,9 +245,14 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
     ckpt_dir = resolve_checkpoint(path)
     manifest = read_manifest(ckpt_dir)
     cfg = config_from_saved(manifest["config"], str(ckpt_dir))
-    states = _read_rank_states(ckpt_dir, manifest, verify)
-    model = build_model(cfg, _vocab_rows(manifest, states), device="cpu", dtype=torch.float32)
-    state = gather_checkpoint(ckpt_dir, manifest, param_layouts(model.stage), states=states)
+    from megatron_latentcot.training.checkpoint import CheckpointError
+
+    try:
+        files = _files(ckpt_dir, manifest, verify)
+        model = build_model(cfg, _vocab_rows(files), device="cpu", dtype=torch.float32)
+        state = files.gather(param_layouts(model.stage))
+    except CheckpointError as e:
+        raise LoadError(str(e)) from e
     with torch.no_grad():
         params = dict(model.stage.named_parameters())
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))

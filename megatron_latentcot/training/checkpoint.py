@@ -93,6 +93,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def reseed(seed: int, iteration: int) -> int:
+    """Seed python, numpy and torch from ``seed`` and ``iteration``, the same on every rank.
+
+    For a resume whose saved per-rank RNG states do not fit the running layout. Returns the seed.
+    """
+    value = (seed * 1_000_003 + iteration) % 2**32
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # all devices
+    return value
+
+
 def layout(ctx: ParallelContext) -> dict[str, int]:
     return {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "world": ctx.world_size}
 
@@ -114,9 +126,14 @@ def agree(ctx: ParallelContext, error: str | None) -> None:
         dist.all_gather_object(errors, error)
     else:
         errors = [error]
-    failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
-    if failed:
-        raise CheckpointError("; ".join(failed))
+    by_error: dict[str, list[int]] = {}
+    for r, e in enumerate(errors):
+        if e:
+            by_error.setdefault(e, []).append(r)
+    if by_error:  # the same error on many ranks is said once
+        raise CheckpointError("; ".join(
+            f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}: {e}"
+            for e, ranks in by_error.items()))
 
 
 def save_checkpoint(save_dir: str | Path, iteration: int, payload: dict[str, Any],
@@ -263,12 +280,16 @@ def verify_checkpoint(path: Path) -> list[str]:
 
 
 def load_checkpoint(path: Path, ctx: ParallelContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read and verify this rank's payload. Returns (payload, manifest)."""
+    """Read and verify this rank's payload (same layout only). Returns (payload, manifest).
+
+    A checkpoint of another layout is re-sliced by ``reshard.resliced_payload`` instead.
+    """
     manifest = read_manifest(path)
     if manifest.get("layout") != layout(ctx):
         raise CheckpointError(
             f"{path}: saved with parallel layout {manifest.get('layout')}, this run is "
-            f"{layout(ctx)}; resume with the same tensor/pipeline/data-parallel sizes")
+            f"{layout(ctx)}; a rank file fits only the same tensor/pipeline/data-parallel sizes "
+            "(reshard.py re-slices a checkpoint for others)")
     rank_file = path / f"rank_{ctx.rank:05d}.pt"
     expected = manifest["files"].get(rank_file.name)
     if expected is None or not rank_file.is_file():

@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron_latentcot.config import Config, ConfigError
 from megatron_latentcot.parallel import ParallelContext, data_parallel_mesh
+from megatron_latentcot.training.reshard import param_layouts
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> None:
         raise ConfigError("internal: the stage module must hold no parameters of its own")
 
 
+def no_weight_decay(name: str, decay_norms_and_embeddings: bool) -> bool:
+    """Norm weights, embeddings and biases are exempt unless configured otherwise."""
+    exempt = name.endswith("norm.weight") or "embed_tokens" in name or name.endswith(".bias")
+    return exempt and not decay_norms_and_embeddings
+
+
 class Optimizer:
     """Owns the AdamW instance and everything between ``backward`` and the weight update."""
 
@@ -57,6 +64,7 @@ class Optimizer:
         self.info = {name: ParamInfo(bool(getattr(p, "tensor_model_parallel", False)),
                                      bool(getattr(p, "sequence_parallel", False)))
                      for name, p in model.named_parameters()}  # before fully_shard drops attrs
+        self.layouts = param_layouts(model)  # how each tensor is split over TP (checkpoints)
         self.sharded = cfg.parallel.zero == "fsdp2" and ctx.dp_size > 1
         if self.sharded:
             if cfg.model.tie_embeddings:
@@ -66,9 +74,9 @@ class Optimizer:
         self.model = model
         self.params = dict(model.named_parameters())
         decay, no_decay = [], []
-        for name, p in self.params.items():
-            exempt = name.endswith("norm.weight") or "embed_tokens" in name or name.endswith(".bias")
-            (no_decay if exempt and not tr.decay_norms_and_embeddings else decay).append(p)
+        for name, p in self.params.items():  # named: the state dict records ``param_names``
+            exempt = no_weight_decay(name, tr.decay_norms_and_embeddings)
+            (no_decay if exempt else decay).append((name, p))
         groups = [{"params": decay, "weight_decay": tr.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(
