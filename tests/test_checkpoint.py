@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_latentcot.fileutil import sha256_file
 from megatron_latentcot.training import checkpoint as ckpt
 
 CTX = SimpleNamespace(rank=0, world_size=1, tp_size=1, pp_size=1, dp_size=1)
@@ -264,7 +265,7 @@ def _synthetic_checkpoint(root: Path, full: dict[str, torch.Tensor], tp: int, dp
                         "param_names": names[2:]}]}}
         f = path / f"rank_{rank:05d}.pt"
         torch.save(payload, f)
-        files[f.name] = ckpt._sha256(f)
+        files[f.name] = sha256_file(f)
     manifest = {"layout": {"tp": tp, "pp": 1, "dp": dp, "world": tp * dp}, "files": files,
                 "iteration": 4, "config": {"parallel": {"zero": "fsdp2"}}}
     (path / "manifest.json").write_text(json.dumps(manifest))

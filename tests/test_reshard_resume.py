@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from megatron_latentcot.fileutil import sha256_file
 from tests.dist_utils import run_distributed
 from tests.test_training import TINY
 
@@ -138,7 +139,7 @@ def _resume_in_one_process(base: list[str], root: str, names: list[str]) -> dict
         torch.save(payload, f)
         manifest_path = copy / f"iter_{AT:07d}" / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
-        manifest["files"][f.name] = ckpt._sha256(f)
+        manifest["files"][f.name] = sha256_file(f)
         manifest_path.write_text(json.dumps(manifest))
         return copy
 

