@@ -34,7 +34,7 @@ from megatron_latentcot.loss import vocab_parallel_softmax
 from megatron_latentcot.model.attention import latent_plan, visible_pairs
 from megatron_latentcot.model.latent import LatentOutput, LatentStepScheduler
 from megatron_latentcot.model.llama import LlamaStage, upcast
-from megatron_latentcot.model.router import Decision, route
+from megatron_latentcot.model.router import Decision, decide
 
 LATENT_METHODS = ("vanilla", "adaptive", "latent_fixed")
 
@@ -126,14 +126,8 @@ class IncrementalDecoder:
 
     def _decide(self, z: torch.Tensor, reach: torch.Tensor,
                 k: int) -> tuple[Decision, torch.Tensor | None]:
-        """The training rule (LatentStepScheduler._decide): exit at K, else route by the gate."""
-        if k == self.max_steps:
-            return route(reach, None, 0.0), None
-        if self.method == "latent_fixed":
-            return Decision(exit=torch.zeros_like(reach), reach_next=reach,
-                            cont=torch.ones_like(reach, dtype=torch.bool)), None
-        gate = self.stage.router(z)
-        return route(reach, gate, self.tau), gate
+        return decide(reach, z, k, self.max_steps, self.method,
+                      getattr(self.stage, "router", None), self.tau)
 
     # -- appending tokens -------------------------------------------------------------------
     @torch.no_grad()

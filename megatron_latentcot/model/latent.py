@@ -25,7 +25,7 @@ from megatron_latentcot.loss import masked_mean, token_cross_entropy
 from megatron_latentcot.model import baselines
 from megatron_latentcot.model.attention import AttentionPlan, causal_plan, latent_plan, visible_pairs
 from megatron_latentcot.model.llama import LayerRun, LlamaStage, upcast
-from megatron_latentcot.model.router import Decision, route
+from megatron_latentcot.model.router import Decision, decide
 
 
 @dataclass
@@ -303,13 +303,8 @@ class LatentStepScheduler:
 
     def _decide(self, z: torch.Tensor, reach: torch.Tensor,
                 k: int) -> tuple[Decision, torch.Tensor | None]:
-        if k == self.max_steps:
-            return route(reach, None, 0.0), None
-        if self.cfg.latent.method == "latent_fixed":  # no router: everyone goes on, exits at K
-            return Decision(exit=torch.zeros_like(reach), reach_next=reach,
-                            cont=torch.ones_like(reach, dtype=torch.bool)), None
-        gate = self.stage.router(z)
-        return route(reach, gate, self.cfg.latent.tau), gate
+        return decide(reach, z, k, self.max_steps, self.cfg.latent.method,
+                      getattr(self.stage, "router", None), self.cfg.latent.tau)
 
     # -- metrics --------------------------------------------------------------------------
     def stat_names(self) -> list[str]:

@@ -52,3 +52,16 @@ def route(reach: torch.Tensor, gate: torch.Tensor | None, tau: float) -> Decisio
     cont = reach_next.detach() > tau
     return Decision(exit=torch.where(cont, reach - reach_next, reach), reach_next=reach_next,
                     cont=cont)
+
+
+def decide(reach: torch.Tensor, z: torch.Tensor, k: int, max_steps: int, method: str,
+           router: Router | None, tau: float) -> tuple[Decision, torch.Tensor | None]:
+    """Step k's halting rule, shared by training and decoding: everyone exits at K_max;
+    ``latent_fixed`` goes on (no router); ``adaptive`` routes by the gate. Returns the gates too."""
+    if k == max_steps:
+        return route(reach, None, 0.0), None
+    if method == "latent_fixed":
+        return Decision(exit=torch.zeros_like(reach), reach_next=reach,
+                        cont=torch.ones_like(reach, dtype=torch.bool)), None
+    gate = router(z)
+    return route(reach, gate, tau), gate
