@@ -6,6 +6,8 @@ low enough to fire) and must give the same losses, gradient norms and latent-ste
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -24,11 +26,12 @@ HALTING_ROWS = (0, 1, 4, 5)  # micro-batches 0 and 2 of a rank's four: every tok
 def _halt_patch() -> None:
     """Micro-batches made only of token 0 halt all their tokens at step 1; the rest go on.
 
-    The flag is set whenever the method's generator resumes, so it follows the pipeline's
-    interleaving of micro-batches.
+    The router still runs on them (as it does when its gates all fall below tau), but no
+    gradient reaches it through their halting. The flag is set whenever the method's generator
+    resumes, so it follows the pipeline's interleaving of micro-batches.
     """
     from megatron_latentcot.model import latent
-    from megatron_latentcot.model.router import route
+    from megatron_latentcot.model.router import decide as route_step
 
     steps, decide = latent.LatentStepScheduler.steps, latent.LatentStepScheduler._decide
 
@@ -46,28 +49,29 @@ def _halt_patch() -> None:
                 return done.value
 
     def patched_decide(self, z, reach, k):
-        if self.halt:
-            return route(reach, None, 0.0), None
+        if self.halt:  # no threshold is met: everyone exits
+            return route_step(reach, z, k, self.max_steps, self.cfg.latent.method,
+                              getattr(self.stage, "router", None), math.inf)
         return decide(self, z, reach, k)
 
     latent.LatentStepScheduler.steps = patched_steps
     latent.LatentStepScheduler._decide = patched_decide
 
 
-def train_three_steps(overrides: list[str], halt_some: bool = False) -> dict:
+def train_three_steps(overrides: list[str], halting_rows: tuple[int, ...] = ()) -> dict:
     from megatron_latentcot.config import load_config
     from megatron_latentcot.parallel import destroy_distributed, init_distributed
     from megatron_latentcot.training.loop import Engine
 
-    if halt_some:
+    if halting_rows:
         _halt_patch()
     cfg = load_config(None, TINY + overrides)
     ctx = init_distributed(cfg.parallel)
     engine = Engine(cfg, ctx, VOCAB)
     out = []
     for batch in global_batches(3, cfg.train.global_batch_size, cfg.data.seq_length):
-        if halt_some:
-            batch[list(HALTING_ROWS)] = 0
+        if halting_rows:
+            batch[list(halting_rows)] = 0
         out.append(engine.train_step(rank_microbatches(batch, cfg.train.micro_batch_size,
                                                        ctx.dp_rank, ctx.dp_size)))
     valid = engine.eval_loss(rank_microbatches(global_batches(1, 8, cfg.data.seq_length, seed=1)[0],
@@ -115,10 +119,22 @@ def test_looped_pp2_equals_one_process():
 
 def test_pp2_micro_batches_halting_early_do_not_deadlock():
     """Micro-batches 0 and 2 stop after step 1 while 1 and 3 go on to step 3."""
-    single = run_distributed(train_three_steps, 1, ADAPTIVE, True)[0]
+    single = run_distributed(train_three_steps, 1, ADAPTIVE, HALTING_ROWS)[0]
     assert single["metrics"][0]["active_frac_step2"] < 0.55  # half of the tokens stopped
-    _check(run_distributed(train_three_steps, 2, ADAPTIVE + PP2, True, timeout=240), single,
-           STEP_STATS)
+    _check(run_distributed(train_three_steps, 2, ADAPTIVE + PP2, HALTING_ROWS, timeout=240),
+           single, STEP_STATS)
+
+
+def test_dp2_fsdp2_ranks_running_different_step_counts():
+    """Every token of data-parallel rank 0 halts at step 1 (its blocks run once per
+    micro-batch, its router gets no gradient) while rank 1's go on to step 3: FSDP2 must issue
+    the same collectives on both and the result must equal one process."""
+    rank0_rows = (0, 1, 2, 3)
+    single = run_distributed(train_three_steps, 1, ADAPTIVE, rank0_rows)[0]
+    assert 0 < single["metrics"][0]["active_frac_step3"] < 0.5
+    results = run_distributed(train_three_steps, 2, ADAPTIVE + ["parallel.zero=fsdp2"],
+                              rank0_rows, timeout=240)
+    _check(results, single, STEP_STATS + ("adaptive_loss", "gate_mean"))
 
 
 @pytest.mark.slow

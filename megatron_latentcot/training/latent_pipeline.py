@@ -13,9 +13,7 @@ producing unit's backward together with its output gradient, so no graph is trav
 On the last stage the method's step generator (``LatentStepScheduler.steps``: router, mixing,
 losses) hangs off one leaf per step, so a single loss backward yields every step's output
 gradient; the survivors' inputs sent back to stage 0 receive theirs during step k+1's backward.
-The unit backpropagated last, (m 0, step 1), keeps the generator attached, so each stage's final
-backward call reaches every parameter of the stage: FSDP2 reduce-scatters there, once per
-iteration, and nowhere else.
+Gradients only accumulate here: the optimizer reduces them (FSDP2 included) after the last call.
 """
 
 from __future__ import annotations
@@ -96,7 +94,7 @@ class _Unit:
     out: torch.Tensor  # the layers' output
     cache: list[torch.Tensor]  # this run's K/V of every layer, flattened (k0, v0, k1, ...)
     past: list[torch.Tensor]  # leaves standing for the previous unit's cache
-    fed: torch.Tensor | None = None  # last stage: the leaf the generator got (None: ``out``)
+    fed: torch.Tensor | None = None  # last stage: the leaf the generator got (training)
     wrap: torch.Tensor | None = None  # last stage: the next step's input sent to stage 0
 
 
@@ -109,7 +107,6 @@ class _MicroBatch:
     steps: object = None  # the method's step generator (last stage)
     request: LayerRun | None = None  # its pending request (last stage)
     out: LatentOutput | None = None  # the losses (last stage)
-    final_loss: torch.Tensor | None = None  # m 0's loss, kept for the final backward call
 
 
 def _flat(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -121,8 +118,7 @@ def _pairs(flat: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def forward_backward(scheduler: LatentStepScheduler, microbatches: list[dict], ctx: ParallelContext,
-                     activation_dtype: torch.dtype, set_gradient_sync: Callable[[bool], None],
-                     forward_only: bool = False,
+                     activation_dtype: torch.dtype, forward_only: bool = False,
                      autocast: Callable[[], object] | None = None) -> list[dict[str, float]]:
     """Run every (micro-batch, step) unit through this stage, then backpropagate them in
     reverse. Gradients are those of the mean loss over micro-batches. Returns per-micro-batch
@@ -145,15 +141,12 @@ def forward_backward(scheduler: LatentStepScheduler, microbatches: list[dict], c
     stats = [scheduler.stats(st.out, st.mb) for st in states] if last else []
     if forward_only:
         return stats
-    set_gradient_sync(False)
     if last:
         _loss_backward(states)
     for k in range(scheduler.max_steps, 0, -1):
         for m in reversed(range(len(states))):
             st = states[m]
             if k in st.units:
-                if m == 0 and k == 1:
-                    set_gradient_sync(True)  # the stage's final backward call
                 _backward_unit(links, ctx, st, k)
     links.wait()
     return stats
@@ -194,9 +187,8 @@ def _forward_unit(scheduler: LatentStepScheduler, links: _Links, ctx: ParallelCo
         links.send_run(ctx.pp_rank + 1, slots, h)
         return
     # the last stage: the method decides who goes on; their inputs go back to stage 0
-    attached = not grad or (m == 0 and k == 1)
-    fed = h if attached else h.detach().requires_grad_()
-    unit.fed = None if attached else fed
+    fed = h.detach().requires_grad_() if grad else h
+    unit.fed = fed if grad else None
     try:
         st.request = st.steps.send(fed)
     except StopIteration as stop:
@@ -209,25 +201,13 @@ def _forward_unit(scheduler: LatentStepScheduler, links: _Links, ctx: ParallelCo
 
 
 def _loss_backward(states: list[_MicroBatch]) -> None:
-    """Every micro-batch's loss into its per-step output gradients (and the head's weights).
-
-    Micro-batch 0's loss only yields the step gradients here; it is backpropagated into the
-    weights with the stage's final call (see the module docstring).
-    """
+    """Every micro-batch's loss into its per-step output gradients (and the head's weights)."""
     n = len(states)
-    for m, st in enumerate(states):
+    for st in states:
         loss = st.out.loss / n
         st.out = None  # free what only the loss graph needs once it is done
-        leaves = [u.fed for u in st.units.values() if u.fed is not None]
-        if m == 0:
-            st.final_loss = loss
-            if leaves:
-                grads = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True,
-                                            materialize_grads=True)
-                for leaf, g in zip(leaves, grads, strict=True):
-                    leaf.grad = g
-        else:  # retained: the survivors' inputs sent to stage 0 share the final norm's graph
-            torch.autograd.backward(loss, retain_graph=True)
+        # retained: the survivors' inputs sent to stage 0 share the final norm's graph
+        torch.autograd.backward(loss, retain_graph=True)
 
 
 def _backward_unit(links: _Links, ctx: ParallelContext, st: _MicroBatch, k: int) -> None:
@@ -236,19 +216,10 @@ def _backward_unit(links: _Links, ctx: ParallelContext, st: _MicroBatch, k: int)
     grads: list[torch.Tensor | None] = []
     if ctx.is_last_stage:
         if unit.wrap is not None:  # its survivors ran step k + 1: their input's gradient
-            g = links.recv_grad(0, unit.wrap)
-            if unit.fed is None:
-                roots.append(unit.wrap)
-                grads.append(g)
-            else:  # into the leaf's gradient, next to what the loss gave it; micro-batch 0's
-                # loss graph, still to come, shares the final norm's nodes
-                torch.autograd.backward(unit.wrap, g, retain_graph=st.final_loss is not None)
-        if unit.fed is None:  # attached: micro-batch 0's loss comes along
-            roots.append(st.final_loss)
-            grads.append(None)
-        else:
-            roots.append(unit.out)
-            grads.append(unit.fed.grad if unit.fed.grad is not None else torch.zeros_like(unit.out))
+            # into the leaf's gradient, next to what the loss gave it
+            torch.autograd.backward(unit.wrap, links.recv_grad(0, unit.wrap))
+        roots.append(unit.out)
+        grads.append(unit.fed.grad if unit.fed.grad is not None else torch.zeros_like(unit.out))
     else:
         roots.append(unit.out)
         grads.append(links.recv_grad(pp_rank + 1, unit.out))
@@ -265,4 +236,3 @@ def _backward_unit(links: _Links, ctx: ParallelContext, st: _MicroBatch, k: int)
     st.units.pop(k + 1, None)  # its cache leaves were the last thing holding it
     if k == 1:
         st.units.clear()
-        st.final_loss = None

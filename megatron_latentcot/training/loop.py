@@ -88,10 +88,10 @@ class Engine:
         mbs = [_to_device(mb, self.ctx.device) for mb in microbatches]
         if self.ctx.pp_size > 1 and self.scheduler.max_steps > 1:  # steps loop through stages
             return latent_pipeline.forward_backward(
-                self.scheduler, mbs, self.ctx, torch.float32, self.optimizer.set_gradient_sync,
+                self.scheduler, mbs, self.ctx, torch.float32,
                 forward_only=forward_only, autocast=self._autocast)
         return forward_backward(stage_forward, mbs, self.ctx, torch.float32,
-                                self.optimizer.set_gradient_sync, forward_only=forward_only)
+                                forward_only=forward_only)
 
     def dp_mean(self, values: list[float]) -> float:
         """Mean over micro-batches and data-parallel ranks (meaningful on the last stage)."""
@@ -117,7 +117,7 @@ class Engine:
             with self.guard.phase("optimizer step (gradient and grad-norm all-reduce)"):
                 grad_norm, applied = self.optimizer.step(lr)
         else:
-            self.optimizer.zero_grad()
+            self.optimizer.skip()
             grad_norm, applied = math.nan, False
         tr, st = self.cfg.train, self.state
         st.iteration += 1

@@ -30,23 +30,57 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def shard_model(model: nn.Module, ctx: ParallelContext) -> None:
+def shard_model(model: nn.Module, ctx: ParallelContext) -> list[nn.Module]:
     """fully_shard every parameter-holding child so each is gathered when *it* is called.
 
     The schedulers call the embedding, blocks, norm and head separately (many times per
-    iteration in the latent loop), so each owns its FSDP unit; ``reshard_after_forward=False``
-    keeps reused blocks gathered through the step instead of re-gathering per latent step.
+    iteration in the latent loop), so each owns its FSDP unit. Units stay gathered from their
+    first use to the end of the iteration and never reduce inside backward: data-parallel ranks
+    run different numbers of latent steps (different uses per unit, a router with no gradient
+    when every token halted), so FSDP2's per-use hooks would issue different collectives on
+    each rank. :func:`reduce_sharded_grads` reduces once per unit instead. Returns the units
+    in module order, the order every rank reduces them in.
     """
     from torch.distributed.fsdp import fully_shard
 
     mesh = data_parallel_mesh(ctx)
-    for block in model.layers.values():
-        fully_shard(block, mesh=mesh, reshard_after_forward=False)
-    for child in model.children():  # embedding, final norm, LM head, router
+    units = []
+    for child in [*model.layers.values(), *model.children()]:  # blocks; embedding, norm, head, router
         if child is not model.layers and any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh, reshard_after_forward=False)
+            child.set_reshard_after_backward(False)
+            child.set_requires_gradient_sync(False)
+            child.set_reduce_scatter_unused_params(True)
+            units.append(child)
     if any(True for _ in model.parameters(recurse=False)):
         raise ConfigError("internal: the stage module must hold no parameters of its own")
+    return units
+
+
+def reduce_sharded_grads(units: list[nn.Module]) -> None:
+    """Reduce-scatter each unit's accumulated gradients once, in the same order on every rank,
+    then free the gathered parameters (the update works on the shards).
+
+    FSDP2 has no public call for "reduce now": this runs its post-backward with reduction on,
+    as its own final backward callback would (torch >= 2.6 internals).
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    groups = []
+    for unit in units:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        unit.set_requires_gradient_sync(True, recurse=False)
+        group.post_backward()
+        unit.set_requires_gradient_sync(False, recurse=False)
+        groups.append(group)
+    for unit, group in zip(units, groups, strict=True):
+        group.finalize_backward()  # waits for the reductions (CUDA streams) before the update
+        for rs in group.comm_ctx.reduce_scatter_states:
+            if rs.event is not None:
+                torch.accelerator.current_stream().wait_event(rs.event)
+        group.comm_ctx.reduce_scatter_states.clear()
+        group._training_state = TrainingState.IDLE
+        unit.reshard()
 
 
 def no_weight_decay(name: str, decay_norms_and_embeddings: bool) -> bool:
@@ -70,7 +104,7 @@ class Optimizer:
             if cfg.model.tie_embeddings:
                 raise ConfigError("model.tie_embeddings is not supported with parallel.zero=fsdp2 "
                                   "and data parallelism; untie or set parallel.zero=none")
-            shard_model(model, ctx)
+            self.units = shard_model(model, ctx)
         self.model = model
         self.params = dict(model.named_parameters())
         decay, no_decay = [], []
@@ -83,19 +117,20 @@ class Optimizer:
             [g for g in groups if g["params"]], lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2),
             eps=tr.adam_eps, fused=ctx.device.type == "cuda")
 
-    def set_gradient_sync(self, enabled: bool) -> None:
-        """Reduce-scatter gradients only on the last backward of an iteration."""
-        if self.sharded:
-            for m in self.model.modules():
-                if hasattr(m, "set_requires_gradient_sync"):
-                    m.set_requires_gradient_sync(enabled, recurse=False)
-
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def skip(self) -> None:
+        """Drop this iteration's gradients (every rank skips together, so the reductions match)."""
+        if self.sharded:
+            reduce_sharded_grads(self.units)
+        self.zero_grad()
+
     @torch.no_grad()
     def finalize_grads(self) -> None:
-        """All-reduce what FSDP2 does not: SP-partial grads over TP; DP grads without ZeRO."""
+        """Reduce-scatter under ZeRO; all-reduce SP-partial grads over TP and DP grads without it."""
+        if self.sharded:
+            reduce_sharded_grads(self.units)
         for name, p in self.params.items():
             if p.grad is None:
                 continue

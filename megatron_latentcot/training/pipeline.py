@@ -48,8 +48,7 @@ StageForward = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, dict[st
 
 
 def forward_backward(stage_forward: StageForward, microbatches: list[dict], ctx: ParallelContext,
-                     activation_dtype: torch.dtype, set_gradient_sync: Callable[[bool], None],
-                     forward_only: bool = False) -> list[dict[str, float]]:
+                     activation_dtype: torch.dtype, forward_only: bool = False) -> list[dict[str, float]]:
     """Run every micro-batch through this stage, then backpropagate them in reverse.
 
     The loss of each micro-batch is divided by the number of micro-batches, so gradients
@@ -58,8 +57,7 @@ def forward_backward(stage_forward: StageForward, microbatches: list[dict], ctx:
     n = len(microbatches)
     if ctx.pp_size == 1 and not forward_only:  # no pipeline: keep one micro-batch alive at a time
         stats = []
-        for i, mb in enumerate(microbatches):
-            set_gradient_sync(i == n - 1)
+        for mb in microbatches:
             loss, st = stage_forward(mb, None)
             torch.autograd.backward(loss / n)
             stats.append(st)
@@ -82,7 +80,6 @@ def forward_backward(stage_forward: StageForward, microbatches: list[dict], ctx:
     if forward_only:
         return stats
     for i in reversed(range(n)):
-        set_gradient_sync(i == 0)
         if nxt is None:
             torch.autograd.backward(outputs[i] / n)
         else:
