@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -100,12 +99,6 @@ def _env_int(name: str, *fallbacks: str) -> int | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(cfg: ParallelConfig) -> ParallelContext:
     """Start (or join) the process group from torchrun's or Slurm's environment.
 
@@ -114,13 +107,15 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
     """
     rank = _env_int("RANK", "SLURM_PROCID")
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID")
     if (rank is None) != (world is None):
-        raise LaunchError("set both RANK and WORLD_SIZE (torchrun does), or neither")
-    if rank is None:
-        rank, world = 0, 1
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        have, missing = ("RANK/SLURM_PROCID", "WORLD_SIZE/SLURM_NTASKS") if world is None else \
+            ("WORLD_SIZE/SLURM_NTASKS", "RANK/SLURM_PROCID")
+        raise LaunchError(f"{have} is set but {missing} is not: set both (torchrun and srun "
+                          "do), or neither for a single process")
+    store = None
+    if rank is None:  # a world of one: an in-process store, no port to bind or pass on
+        rank, world, store = 0, 1, dist.HashStore()
     assert world is not None
     if world > 1 and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
         raise LaunchError("MASTER_ADDR and MASTER_PORT must be set for a multi-process launch")
@@ -132,13 +127,17 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        device = torch.device("cuda", local_rank)
+        if local_rank is None and world > 1:
+            raise LaunchError("LOCAL_RANK (or SLURM_LOCALID) is not set: with NCCL each process "
+                              "must know which GPU of its node is its own")
+        device = torch.device("cuda", local_rank or 0)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        if store is None:
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+        dist.init_process_group(backend, rank=rank, world_size=world, store=store,
                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -148,7 +147,7 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
     )
     dp = world // (tp * pp)
     ctx = ParallelContext(
-        rank=rank, world_size=world, local_rank=local_rank,
+        rank=rank, world_size=world, local_rank=local_rank or 0,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp,
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,

@@ -378,12 +378,34 @@ def test_launch_errors(clean_env):
     clean_env.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         init_distributed(ParallelConfig(tensor_model_parallel_size=2))
+    clean_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LaunchError, match="LOCAL_RANK .* is not set"):
+        init_distributed(ParallelConfig(backend="nccl"))
     clean_env.delenv("WORLD_SIZE")
-    with pytest.raises(LaunchError, match="set both RANK and WORLD_SIZE"):
+    with pytest.raises(LaunchError, match="RANK/SLURM_PROCID is set but WORLD_SIZE/SLURM_NTASKS"):
         init_distributed(ParallelConfig())
-    clean_env.setenv("WORLD_SIZE", "two")
+    clean_env.delenv("RANK")
+    clean_env.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(LaunchError, match="WORLD_SIZE/SLURM_NTASKS is set but RANK/SLURM_PROCID"):
+        init_distributed(ParallelConfig())
+    clean_env.setenv("SLURM_PROCID", "two")
     with pytest.raises(LaunchError, match="not an integer"):
         init_distributed(ParallelConfig())
+
+
+def test_world_of_one_leaves_the_launch_environment_alone(clean_env):
+    """A plain process starts its group on an in-process store: nothing it sets (a port it
+    holds) can leak into the processes it launches."""
+    from megatron_latentcot.config import ParallelConfig
+    from megatron_latentcot.parallel import destroy_distributed, init_distributed
+
+    before = dict(os.environ)
+    ctx = init_distributed(ParallelConfig())
+    try:
+        assert (ctx.rank, ctx.world_size) == (0, 1)
+        assert dict(os.environ) == before
+    finally:
+        destroy_distributed()
 
 
 # -- hung collectives ---------------------------------------------------------------------------

@@ -257,13 +257,8 @@ def _run(cmd: list[str], env: dict[str, str], log: Path | None = None) -> None:
         raise StudyError(f"command failed (exit {res.returncode}): {' '.join(cmd)}\n{tail}")
 
 
-_LAUNCH_ENV = dict(os.environ)  # before this process starts its own world of one
-
-
 def child_env(threads: int) -> dict[str, str]:
-    """The environment this process started with (loading a model here sets MASTER_PORT to a
-    port its own process group holds: a child inheriting it could not bind it), plus threads."""
-    return dict(_LAUNCH_ENV, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                 PYTHONUNBUFFERED="1")
 
 
