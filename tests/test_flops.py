@@ -405,6 +405,15 @@ def test_run_mode_table_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     for png in ("ppl_vs_flops.png", "loss_vs_flops.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "FLOPs x van |" in md
+    # the base does not follow --runs order; --reference picks another
+    assert main(["--runs", str(b), str(a), "--out-dir", str(out), "--reference", "ada"]) == 0
+    rows = {r["run"]: r for r in json.loads((out / "compare_runs.json").read_text())["rows"]}
+    assert rows["van"]["flops_ratio"] == pytest.approx(0.4) and rows["ada"]["flops_ratio"] == 1.0
+    assert "FLOPs x ada |" in (out / "compare_runs.md").read_text()
+    assert main(["--runs", str(b), str(a), "--out-dir", str(out)]) == 0
+    rows = {r["run"]: r for r in json.loads((out / "compare_runs.json").read_text())["rows"]}
+    assert rows["van"]["flops_ratio"] == 1.0
 
 
 def test_run_mode_reports_missing_manifest(tmp_path, capsys):

@@ -398,12 +398,12 @@ def run_row(run: Run) -> dict[str, Any]:
             "final_iteration": last.get("iteration")}
 
 
-def runs_markdown(rows: list[dict[str, Any]]) -> str:
+def runs_markdown(rows: list[dict[str, Any]], reference: str | None = None) -> str:
     def f(x: Any, fmt: str) -> str:
         return "n/a" if x is None else format(x, fmt)
 
     lines = ["| run | method | K | parameters | tokens | training FLOPs | FLOPs/token | valid PPL "
-             "| held-out PPL | mean steps | FLOPs x vanilla |",
+             f"| held-out PPL | mean steps | FLOPs x {reference or 'reference'} |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['method']} | {r['max_steps']} | {f(r['params'], ',')} | "
@@ -495,20 +495,30 @@ def plot_runs(rows: list[dict[str, Any]], all_curves: dict[str, dict[str, list[l
     return written
 
 
-def compare_runs(dirs: list[Path], out_dir: Path, vocab: int | None = None) -> list[dict[str, Any]]:
+def compare_runs(dirs: list[Path], out_dir: Path, vocab: int | None = None,
+                 reference: str | None = None) -> list[dict[str, Any]]:
+    """Table and curves of training runs; FLOPs ratios are against ``reference`` (a run name),
+    by default the vanilla run with the fewest training FLOPs."""
     runs = [load_run(d, vocab) for d in dirs]
     names = [r.name for r in runs]
     for r in runs:  # disambiguate equal directory names
         if names.count(r.name) > 1:
             r.name = str(r.path)
     rows = [run_row(r) for r in runs]
-    vanilla = next((r for r in rows if r["method"] == "vanilla" and r["train_flops"]), None)
+    if reference is not None:
+        ref = next((r for r in rows if r["run"] == reference), None)
+        if ref is None or not ref["train_flops"]:
+            raise SystemExit(f"--reference {reference}: expected one of the runs with training "
+                             f"FLOPs: {', '.join(r['run'] for r in rows if r['train_flops'])}")
+    else:
+        ref = min((r for r in rows if r["method"] == "vanilla" and r["train_flops"]),
+                  key=lambda r: r["train_flops"], default=None)
     for r in rows:
-        r["flops_ratio"] = (r["train_flops"] / vanilla["train_flops"]
-                            if vanilla and r["train_flops"] is not None else None)
+        r["flops_ratio"] = (r["train_flops"] / ref["train_flops"]
+                            if ref and r["train_flops"] is not None else None)
     all_curves = {r.name: curves(r) for r in runs}
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = runs_markdown(rows)
+    md = runs_markdown(rows, ref["run"] if ref else None)
     print(md)
     (out_dir / "compare_runs.md").write_text("# Runs compared by training compute\n\n" + md)
     (out_dir / "compare_runs.json").write_text(json.dumps({"rows": rows, "curves": all_curves},
@@ -554,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--runs", nargs="+", type=Path, metavar="DIR", help="training runs' save dirs")
     mode.add_argument("--analytic", action="store_true", help="FLOPs per token per method, no runs")
+    p.add_argument("--reference", metavar="RUN", help="runs: the run FLOPs ratios are against "
+                   "(default: the vanilla run with the fewest training FLOPs)")
     p.add_argument("--preset", action="append", choices=list(PRESETS),
                    help="analytic: a paper-scale shape (repeatable; default: all unless --config)")
     p.add_argument("--config", help="analytic: a YAML config (model, seq, K, adaptive loss)")
@@ -578,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.analytic:
             run_analytic(args)
         else:
-            compare_runs(args.runs, args.out_dir, args.vocab)
+            compare_runs(args.runs, args.out_dir, args.vocab, args.reference)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
