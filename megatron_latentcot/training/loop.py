@@ -350,9 +350,16 @@ class Trainer:
                          f"dp={saved['dp']} to tp={now['tp']} pp={now['pp']} dp={now['dp']}: {e}")
             ckpt.agree(self.ctx, error)
         assert payload is not None
-        ckpt.restore_model(self.engine.model, payload["model"])
-        ckpt.restore_optimizer(self.engine.optimizer.optimizer, payload["optimizer"])
-        self.engine.state = TrainState(**payload["state"])
+        error = None
+        try:  # a rank that cannot take its share must not leave the others waiting
+            ckpt.restore_model(self.engine.model, payload["model"])
+            ckpt.restore_optimizer(self.engine.optimizer.optimizer, payload["optimizer"])
+            self.engine.state = TrainState(**payload["state"])
+        except ckpt.CheckpointError as e:
+            error = f"{path}: {e}"
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            error = f"{path}: this rank's payload does not fit the model/optimizer: {e!r}"
+        ckpt.agree(self.ctx, error)
         it = self.state.iteration
         if "rng" in payload:
             ckpt.set_rng_state(payload["rng"])
