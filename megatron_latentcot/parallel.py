@@ -139,12 +139,17 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
             os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
         dist.init_process_group(backend, rank=rank, world_size=world, store=store,
                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
-    if parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized() and (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=cfg.timeout_minutes,  # a float: seconds work in tests
-    )
+    # Reused when the sizes match: megatron's destroy only drops its references, so building
+    # the groups again (every model a process loads) would leak their gloo threads.
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=cfg.timeout_minutes,  # a float: seconds work in tests
+        )
     dp = world // (tp * pp)
     ctx = ParallelContext(
         rank=rank, world_size=world, local_rank=local_rank or 0,
