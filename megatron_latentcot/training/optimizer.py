@@ -48,6 +48,10 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> list[nn.Module]:
     for child in [*model.layers.values(), *model.children()]:  # blocks; embedding, norm, head, router
         if child is not model.layers and any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh, reshard_after_forward=False)
+            if not hasattr(child, "set_reduce_scatter_unused_params"):
+                raise ConfigError(f"parallel.zero=fsdp2 needs FSDP2's reduce_scatter_unused_params, "
+                                  f"which torch {torch.__version__} lacks (2.13 has it): upgrade "
+                                  "torch or set parallel.zero=none")
             child.set_reshard_after_backward(False)
             child.set_requires_gradient_sync(False)
             child.set_reduce_scatter_unused_params(True)
@@ -62,7 +66,8 @@ def reduce_sharded_grads(units: list[nn.Module]) -> None:
     then free the gathered parameters (the update works on the shards).
 
     FSDP2 has no public call for "reduce now": this runs its post-backward with reduction on,
-    as its own final backward callback would (torch >= 2.6 internals).
+    as its own final backward callback would (FSDP2 internals of torch 2.13, which the
+    data-parallel equivalence tests pin down).
     """
     from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
@@ -77,7 +82,7 @@ def reduce_sharded_grads(units: list[nn.Module]) -> None:
         group.finalize_backward()  # waits for the reductions (CUDA streams) before the update
         for rs in group.comm_ctx.reduce_scatter_states:
             if rs.event is not None:
-                torch.accelerator.current_stream().wait_event(rs.event)
+                group.device_handle.current_stream().wait_event(rs.event)
         group.comm_ctx.reduce_scatter_states.clear()
         group._training_state = TrainingState.IDLE
         unit.reshard()
