@@ -55,16 +55,20 @@ def default_model(config: str, args: argparse.Namespace, logs: Path) -> dict[str
     path = f"examples/configs/{config}.yaml"
     cfg = load_config(REPO / path, [])
     run_dir = REPO / cfg.train.save
+    run = cfg.train.save  # as given (the tools run in the repository): the pictures' titles
+    latent = cfg.latent.method != "vanilla"
     out: dict[str, Any] = {"config": path, "method": cfg.latent.method,
-                           "max_steps": cfg.latent.max_steps, "run": cfg.train.save}
+                           "max_steps": cfg.latent.max_steps if latent else 1,
+                           "run": cfg.train.save}
     if args.reuse and _finished(run_dir, cfg.train.train_iters):
-        out["train_wall_s"] = None  # reused
+        before = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        out["train_wall_s"] = before.get("runs", {}).get(config, {}).get("train_wall_s")
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         out["train_wall_s"] = _run([sys.executable, "-m", "megatron_latentcot.pretrain",
                                     "--config", path], logs / f"{config}_train.log")
     eval_dir = logs / f"{config}_eval"
-    cmd = [sys.executable, "tools/evaluate.py", str(run_dir), "--lambada", LAMBADA,
+    cmd = [sys.executable, "tools/evaluate.py", run, "--lambada", LAMBADA,
            "--output-dir", str(eval_dir)]
     if args.max_tokens:
         cmd += ["--max-tokens", str(args.max_tokens)]
@@ -72,10 +76,10 @@ def default_model(config: str, args: argparse.Namespace, logs: Path) -> dict[str
     results = json.loads((eval_dir / "results.json").read_text())
     out["eval"] = {"settings": results["settings"], "perplexity": results["perplexity"],
                    "lambada": results["lambada"]}
-    if cfg.latent.max_steps > 1:
+    if latent:
         valid = json.loads((REPO / CORPUS).read_text())["valid"]
         fig = logs / f"{config}_steps"
-        out["plot_wall_s"] = _run([sys.executable, "tools/plot_latent_steps.py", str(run_dir),
+        out["plot_wall_s"] = _run([sys.executable, "tools/plot_latent_steps.py", run,
                                    "--jsonl", valid, "--doc", "0", "--max-tokens",
                                    str(args.plot_tokens), "--output-dir", str(fig)],
                                   logs / f"{config}_plot.log")
@@ -93,7 +97,8 @@ def default_model(config: str, args: argparse.Namespace, logs: Path) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=["tiny", "tiny_adaptive"])
-    p.add_argument("--reuse", action="store_true", help="keep runs that already finished")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep runs that already finished (and their training time in --out)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="evaluate the first N tokens of each dataset (default: all)")
     p.add_argument("--plot-tokens", type=int, default=160)

@@ -317,6 +317,7 @@ class CommRecorder:
 
         from megatron_latentcot.model.latent import LatentStepScheduler
         from megatron_latentcot.training.loop import Engine
+        from megatron_latentcot.training import optimizer
         from megatron_latentcot.training.optimizer import Optimizer
 
         for module in (mappings, layers):
@@ -330,6 +331,7 @@ class CommRecorder:
         for owner, name, category in ((LatentStepScheduler, "_regather", "regather"),
                                       (LatentStepScheduler, "_tp_sum", "latent_sync"),
                                       (Optimizer, "finalize_grads", "grad_all_reduce"),
+                                      (optimizer, "reduce_sharded_grads", "grad_reduce_scatter"),
                                       (Optimizer, "grad_norm", "metrics"),
                                       (Engine, "reduce_stats", "metrics")):
             self._patch(owner, name, self._tagging(getattr(owner, name), category))
