@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from megatron_latentcot.fileutil import sha256_file
-
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_latentcot.fileutil import sha256_file  # noqa: E402
 
 __all__ = ["TokenizerTrainingError", "iter_training_lines", "main", "train_sentencepiece"]
 
