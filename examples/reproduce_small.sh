@@ -9,7 +9,7 @@
 # Usage: bash examples/reproduce_small.sh [--budget 1.0] [--threads 1] [--dry-run]
 #                                         [--analyze-only] [--only RUN ...] [--force]
 #   --budget F   scales every run's iterations (1.0 = 140 iterations x 16 x 128 tokens, about
-#                75 minutes in all on 2 shared CPU cores; 0.05 = a smoke test)
+#                75 CPU-minutes in all, 95-110 wall-minutes on 2 shared cores; 0.05 = a smoke test)
 #   --threads N  torch threads per process (default 1; 2 threads on a 2-core machine that
 #                other jobs share ran several times slower, see docs/results.md)
 # A run whose final eval JSON (benchmarks/results/reproduce_small/runs/<run>.json) exists is

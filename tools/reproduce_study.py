@@ -22,7 +22,7 @@ Steps, each skipped when its output exists (so a re-run resumes):
    ``tools/compare_flops.py``'s run table and curves in ``--out/compare/`` (needs the run dirs).
 
 ``--budget`` scales the training iterations of every run (1.0 = 140 iterations of 16 x 128
-tokens, sized for about 75 minutes on 2 shared CPU cores; 0.05 is a smoke test). All runs see
+tokens, about 75 CPU-minutes in all on 2 shared cores; 0.05 is a smoke test). All runs see
 the same tokens in the same order for a given seed (the data order follows ``train.seed``).
 """
 
@@ -732,7 +732,7 @@ def compare_curves(results: dict[str, dict[str, Any]], runs_dir: Path, out: Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", type=float, default=1.0,
-                   help=f"scales every run's iterations (1.0 = {BASE_ITERS}; ~75 min on 2 shared "
+                   help=f"scales every run's iterations (1.0 = {BASE_ITERS}; ~75 CPU-min on 2 shared "
                         "CPU cores)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (1: robust on a shared 2-core machine)")
