@@ -630,11 +630,7 @@ def plot_all(analysis: dict[str, Any], results: dict[str, dict[str, Any]], docs:
     axes[0].legend(fontsize=7)
     fig.suptitle("Perplexity against compute (circles: seed 1234, squares: seed 1235, bars: seed "
                  "range, triangles: off the scale)")
-    fig.tight_layout()
-    path = docs / DOCS_PLOTS["ppl"]
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, docs / DOCS_PLOTS["ppl"]))
 
     # 2. steps against difficulty
     corr = analysis["correlation"]
@@ -664,11 +660,7 @@ def plot_all(analysis: dict[str, Any], results: dict[str, dict[str, Any]], docs:
         for ax in axes:
             ax.set_xticks(range(1, 5))
             ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        path = docs / DOCS_PLOTS["steps"]
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, docs / DOCS_PLOTS["steps"]))
 
     # 3. Figure 2 shape
     gain = analysis["gain"]
@@ -696,12 +688,17 @@ def plot_all(analysis: dict[str, Any], results: dict[str, dict[str, Any]], docs:
             ax.set_ylabel("mean gain in p_target")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = docs / DOCS_PLOTS["gain"]
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, docs / DOCS_PLOTS["gain"]))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _gain_line(ax, c: dict[str, list], label: str, ls: str = "-", min_count: int = 20) -> None:
