@@ -226,6 +226,40 @@ def test_same_layout_without_fsdp2_reslices_the_dp_shards(resumed):
     assert "re-sliced for this run's FSDP2 sharding" in results[0]["log"], results[0]["log"]
 
 
+def _resume_failing_on_rank_1(base: list[str], root: str) -> str:
+    """Same-layout resume of the DP2 checkpoint where rank 1 cannot take its optimizer state."""
+    import os
+
+    from megatron_latentcot.config import load_config
+    from megatron_latentcot.parallel import destroy_distributed, init_distributed
+    from megatron_latentcot.training import checkpoint as ckpt
+    from megatron_latentcot.training.loop import Trainer
+
+    if os.environ["RANK"] == "1":
+        def broken(optimizer, state):
+            raise RuntimeError("simulated: this state does not fit")
+        ckpt.restore_optimizer = broken
+    cfg = load_config(None, base + ["parallel.zero=fsdp2", f"train.load={root}/dp2",
+                                    f"train.save={root}/dp2_failing"])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            Trainer(cfg, init_distributed(cfg.parallel))
+        error = ""
+    except ckpt.CheckpointError as e:
+        error = str(e)
+    destroy_distributed()
+    return error
+
+
+def test_a_rank_that_cannot_restore_stops_every_rank(resumed):
+    """Rank 0 restored fine, rank 1 failed: both raise the same error naming rank 1 (rank 0
+    must not go on into training and wait for rank 1 in a collective)."""
+    errors = run_distributed(_resume_failing_on_rank_1, 2, resumed["base"], resumed["root"],
+                             timeout=120)
+    assert errors[0] == errors[1]
+    assert "rank 1:" in errors[0] and "simulated: this state does not fit" in errors[0], errors
+
+
 # -- four processes: TP1 -> TP2 x DP2 (FSDP2) -------------------------------------------------
 def _resume_tp2_dp2(base: list[str], root: str) -> dict[str, Any]:
     """Resume the TP1 checkpoint at TP2 x DP2, save right away (the round trip), train on."""
