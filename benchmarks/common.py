@@ -98,6 +98,17 @@ def build_context(device: torch.device) -> ParallelContext:
     return ctx
 
 
+def shape_overrides(hidden: int, layers: int, heads: int, ffn: int, vocab: int, seq: int,
+                    micro_batch: int, global_batch: int | None = None) -> list[str]:
+    """Config overrides of a benchmark's model and batch shape (global batch: one micro-batch
+    unless given)."""
+    return [f"model.hidden_size={hidden}", f"model.num_layers={layers}",
+            f"model.num_attention_heads={heads}", f"model.ffn_hidden_size={ffn}",
+            f"model.vocab_size={vocab}", f"model.max_position_embeddings={seq}",
+            f"data.seq_length={seq}", f"train.micro_batch_size={micro_batch}",
+            f"train.global_batch_size={global_batch or micro_batch}"]
+
+
 def make_config(overrides: Sequence[str]) -> Config:
     return load_config(None, list(overrides))
 

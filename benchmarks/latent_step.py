@@ -41,6 +41,7 @@ from benchmarks.common import (
     free_memory,
     make_config,
     resolve_device,
+    shape_overrides,
     synchronize,
     synthetic_microbatch,
     time_interleaved,
@@ -68,11 +69,8 @@ class Setup:
     repeats: int
 
     def overrides(self) -> list[str]:
-        return [f"model.hidden_size={self.hidden}", f"model.num_layers={self.layers}",
-                f"model.num_attention_heads={self.heads}", f"model.ffn_hidden_size={self.ffn}",
-                f"model.vocab_size={self.vocab}", f"model.max_position_embeddings={self.seq}",
-                f"data.seq_length={self.seq}", f"train.micro_batch_size={self.micro_batch}",
-                f"train.global_batch_size={self.micro_batch}"]
+        return shape_overrides(self.hidden, self.layers, self.heads, self.ffn, self.vocab,
+                               self.seq, self.micro_batch)
 
 
 SETUPS = {  # (device type, quick) -> setup

@@ -209,6 +209,30 @@ class CommRecorder:
         return "p2p" if op in P2P else "other"
 
     # -- wrappers ------------------------------------------------------------------------------
+    def _timed(self, op: str, fn: Callable[..., Any], args: tuple, kwargs: dict,
+               count: Callable[[tuple[str, str]], None] | None = None) -> tuple[tuple[str, str], bool, Any]:
+        """Make a wrapped call: classified and timed when outermost; ``count`` (torch-level
+        calls) records calls and bytes when no torch-level call encloses it.
+        Returns (tally key, outermost, result)."""
+        outer = self._depth == 0
+        if outer:
+            self._category = self.classify(op)
+        key = (self._category, op)
+        torch_level = count is not None
+        if torch_level and self._bytes_depth == 0:
+            count(key)
+        self._depth += 1
+        self._bytes_depth += torch_level
+        start = time.perf_counter()
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            self._depth -= 1
+            self._bytes_depth -= torch_level
+            if outer:
+                self.tally(key).seconds += time.perf_counter() - start
+        return key, outer, out
+
     def _wrap_torch(self, fn: Callable[..., Any], op: str) -> Callable[..., Any]:
         sig = inspect.signature(fn)
         recorder = self
@@ -216,11 +240,8 @@ class CommRecorder:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if not recorder.active:
                 return fn(*args, **kwargs)
-            outer = recorder._depth == 0
-            if outer:
-                recorder._category = recorder.classify(op)
-            key = (recorder._category, op)
-            if recorder._bytes_depth == 0:
+
+            def count(key: tuple[str, str]) -> None:
                 try:
                     bound = sig.bind(*args, **kwargs).arguments
                 except TypeError:
@@ -230,16 +251,8 @@ class CommRecorder:
                 t.calls += 1
                 t.bytes += buf
                 t.wire_bytes += wire
-            recorder._depth += 1
-            recorder._bytes_depth += 1
-            start = time.perf_counter()
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                recorder._depth -= 1
-                recorder._bytes_depth -= 1
-                if outer:
-                    recorder.tally(key).seconds += time.perf_counter() - start
+
+            key, outer, out = recorder._timed(op, fn, args, kwargs, count)
             asynchronous = op in ("isend", "irecv") or kwargs.get("async_op", False)
             if outer and asynchronous and out is not None and not key[0].startswith(
                     ("fsdp", "grad_reduce")):  # FSDP2 type-checks its work handles
@@ -257,18 +270,7 @@ class CommRecorder:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if not recorder.active:
                 return fn(*args, **kwargs)
-            outer = recorder._depth == 0
-            if outer:
-                recorder._category = recorder.classify(name)
-            key = (recorder._category, name)
-            recorder._depth += 1
-            start = time.perf_counter()
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                recorder._depth -= 1
-                if outer:
-                    recorder.tally(key).seconds += time.perf_counter() - start
+            _, _, out = recorder._timed(name, fn, args, kwargs)
             if recorder._tags and recorder._tags[-1] == "regather" and getattr(
                     out, "grad_fn", None) is not None:
                 recorder.tag_backward(out.grad_fn, "regather")
@@ -316,8 +318,8 @@ class CommRecorder:
         from megatron.core.tensor_parallel import layers, mappings
 
         from megatron_latentcot.model.latent import LatentStepScheduler
-        from megatron_latentcot.training.loop import Engine
         from megatron_latentcot.training import optimizer
+        from megatron_latentcot.training.loop import Engine
         from megatron_latentcot.training.optimizer import Optimizer
 
         for module in (mappings, layers):
@@ -402,13 +404,13 @@ class Setup:
     repeats: int
 
     def overrides(self) -> list[str]:
-        return [f"model.hidden_size={self.hidden}", f"model.num_layers={self.layers}",
-                f"model.num_attention_heads={self.heads}", f"model.ffn_hidden_size={self.ffn}",
-                f"model.vocab_size={self.vocab}", f"model.max_position_embeddings={self.seq}",
-                f"data.seq_length={self.seq}", f"train.micro_batch_size={self.micro_batch}",
-                f"train.global_batch_size={self.global_batch}", "train.lr_warmup_iters=0",
-                "parallel.backend=gloo", "train.precision=fp32", "model.embedding_multiplier=null",
-                "latent.method=adaptive", f"latent.max_steps={K_MAX}", f"latent.tau={TAU}"]
+        from benchmarks.common import shape_overrides
+
+        return shape_overrides(self.hidden, self.layers, self.heads, self.ffn, self.vocab,
+                               self.seq, self.micro_batch, self.global_batch) + [
+            "train.lr_warmup_iters=0", "parallel.backend=gloo", "train.precision=fp32",
+            "model.embedding_multiplier=null", "latent.method=adaptive",
+            f"latent.max_steps={K_MAX}", f"latent.tau={TAU}"]
 
 
 K_MAX, TAU = 4, 0.3

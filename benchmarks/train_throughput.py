@@ -28,6 +28,7 @@ from benchmarks.common import (
     make_config,
     peak_memory_gib,
     resolve_device,
+    shape_overrides,
     synthetic_microbatch,
     time_it,
     warn_if_busy,
@@ -52,12 +53,9 @@ class ModelShape:
     repeats: int
 
     def overrides(self) -> list[str]:
-        return [f"model.hidden_size={self.hidden}", f"model.num_layers={self.layers}",
-                f"model.num_attention_heads={self.heads}", f"model.ffn_hidden_size={self.ffn}",
-                f"model.vocab_size={self.vocab}", f"model.max_position_embeddings={self.seq}",
-                f"data.seq_length={self.seq}", f"train.micro_batch_size={self.micro_batch}",
-                f"train.global_batch_size={self.micro_batch}", "latent.method=vanilla",
-                "train.lr_warmup_iters=0"]
+        return shape_overrides(self.hidden, self.layers, self.heads, self.ffn, self.vocab,
+                               self.seq, self.micro_batch) + ["latent.method=vanilla",
+                                                              "train.lr_warmup_iters=0"]
 
 
 CPU_SHAPES = [
