@@ -379,7 +379,7 @@ def _write_run(root: Path, name: str, method: str, flops_per_iter: float, mean_s
     return run
 
 
-def test_run_mode_table_and_plots(tmp_path):
+def test_run_mode_table_and_plots(tmp_path, capsys):
     from tools.compare_flops import main
 
     a = _write_run(tmp_path, "van", "vanilla", 1e12, [1.0, 1.0], [400.0, 200.0], latest=True)
@@ -414,6 +414,9 @@ def test_run_mode_table_and_plots(tmp_path):
     assert main(["--runs", str(b), str(a), "--out-dir", str(out)]) == 0
     rows = {r["run"]: r for r in json.loads((out / "compare_runs.json").read_text())["rows"]}
     assert rows["van"]["flops_ratio"] == 1.0
+    assert main(["--runs", str(a), "--out-dir", str(out), "--reference", "nope"]) == 1
+    assert "--reference nope: expected one of the runs with training FLOPs: van" in \
+        capsys.readouterr().err
 
 
 def test_run_mode_reports_missing_manifest(tmp_path, capsys):

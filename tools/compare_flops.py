@@ -508,8 +508,9 @@ def compare_runs(dirs: list[Path], out_dir: Path, vocab: int | None = None,
     if reference is not None:
         ref = next((r for r in rows if r["run"] == reference), None)
         if ref is None or not ref["train_flops"]:
-            raise SystemExit(f"--reference {reference}: expected one of the runs with training "
-                             f"FLOPs: {', '.join(r['run'] for r in rows if r['train_flops'])}")
+            raise CompareError(f"--reference {reference}: expected one of the runs with "
+                               f"training FLOPs: "
+                               f"{', '.join(r['run'] for r in rows if r['train_flops'])}")
     else:
         ref = min((r for r in rows if r["method"] == "vanilla" and r["train_flops"]),
                   key=lambda r: r["train_flops"], default=None)
