@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +101,62 @@ def _env_int(name: str, *fallbacks: str) -> int | None:
     return None
 
 
-def init_distributed(cfg: ParallelConfig) -> ParallelContext:
-    """Start (or join) the process group from torchrun's or Slurm's environment.
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list such as ``node[001-004,007],gpu-a[1,3]``, in order.
 
-    Without either, starts a world of one on gloo so the same code path runs in a plain
-    ``python`` process.
+    Slurm's compact hostlist syntax (what ``scontrol show hostnames`` expands), done here so a
+    launch needs no Slurm tools: comma-separated hosts, each with any number of bracketed lists
+    of numbers and ranges; a range keeps the zero padding of its first bound.
+    """
+    hosts = re.findall(r"[^,\[\]]*(?:\[[^\[\]]*\][^,\[\]]*)*", nodelist)
+    hosts = [h for h in hosts if h]
+    if not hosts or ",".join(hosts) != nodelist:
+        raise LaunchError(f"Slurm node list {nodelist!r}: expected hosts like "
+                          "'node[001-004,007],gpu-a[1,3]'")
+    out: list[str] = []
+    for host in hosts:
+        names = [""]
+        for i, part in enumerate(re.split(r"\[([^\]]*)\]", host)):
+            if i % 2 == 0:  # literal text between brackets
+                names = [n + part for n in names]
+                continue
+            values: list[str] = []
+            for item in part.split(","):
+                m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+                if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+                    raise LaunchError(f"Slurm node list {nodelist!r}: bad range {item!r} in "
+                                      f"[{part}] (expected numbers like 001-004 or 7)")
+                lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+                values += [str(v).zfill(len(m[1])) for v in range(lo, hi + 1)]
+            names = [n + v for n in names for v in values]
+        out += names
+    return out
+
+
+def slurm_rendezvous(environ: Mapping[str, str]) -> dict[str, str]:
+    """``MASTER_ADDR``/``MASTER_PORT`` for an ``srun`` launch, where they are not set.
+
+    The first host of the job's node list, and ``10000 + SLURM_JOB_ID % 50000`` (the port
+    Megatron-LM's Slurm scripts use, the same on every node of the job); an explicit
+    ``MASTER_ADDR``/``MASTER_PORT`` wins. Empty outside Slurm.
+    """
+    out = {}
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in environ and nodelist:
+        out["MASTER_ADDR"] = expand_nodelist(nodelist)[0]
+    job = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+    if "MASTER_PORT" not in environ and job:
+        if not job.isdigit():
+            raise LaunchError(f"environment variable SLURM_JOB_ID={job!r} is not an integer")
+        out["MASTER_PORT"] = str(10000 + int(job) % 50000)
+    return out
+
+
+def init_distributed(cfg: ParallelConfig) -> ParallelContext:
+    """Start (or join) the process group from torchrun's or Slurm's (``srun``) environment.
+
+    Without either, or with a world of one, starts the group on an in-process store (no port),
+    so the same code path runs in a plain ``python`` process.
     """
     rank = _env_int("RANK", "SLURM_PROCID")
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
@@ -114,11 +167,17 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
         raise LaunchError(f"{have} is set but {missing} is not: set both (torchrun and srun "
                           "do), or neither for a single process")
     store = None
-    if rank is None:  # a world of one: an in-process store, no port to bind or pass on
-        rank, world, store = 0, 1, dist.HashStore()
+    if rank is None:
+        rank, world = 0, 1
     assert world is not None
-    if world > 1 and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
-        raise LaunchError("MASTER_ADDR and MASTER_PORT must be set for a multi-process launch")
+    if world == 1:  # a world of one: an in-process store, no port to bind or pass on
+        store = dist.HashStore()
+    else:
+        os.environ.update(slurm_rendezvous(os.environ))
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise LaunchError("MASTER_ADDR and MASTER_PORT must be set for a multi-process "
+                              "launch (under srun they default to the first host of "
+                              "SLURM_JOB_NODELIST and 10000 + SLURM_JOB_ID % 50000)")
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if world % (tp * pp) != 0:
         raise ConfigError(f"world size {world} is not divisible by parallel."

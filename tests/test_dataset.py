@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -307,12 +309,52 @@ def test_token_id_beyond_the_vocabulary_without_metadata(tmp_path, sp_tokenizer)
         build_datasets(cfg([str(tmp_path / "beyond")], tmp_path), sp_tokenizer, SEQ, (10, 0, 0), 1)
 
 
-def test_interrupted_cache_write_gives_a_clear_error(tmp_path, sotu, sp_tokenizer):
-    build_datasets(cfg([sotu], tmp_path), sp_tokenizer, SEQ, (30, 0, 0), 1)
-    (shuffle,) = (tmp_path / "cache").glob("*shuffle_index.npy")
-    shuffle.write_bytes(shuffle.read_bytes()[:100])  # as if killed while numpy.save wrote it
-    with pytest.raises(DatasetError, match=r"sample index cache in .*cache failed .* delete"):
+def _tokens(ds) -> list[list[int]]:
+    return [ds[i]["tokens"].tolist() for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_killed_cache_write_is_rebuilt_on_restart(tmp_path, sotu, heldout, sp_tokenizer, blend):
+    """A .npy cut short (a build killed while numpy.save wrote it) is detected and rebuilt by
+    the next start, with the same samples; in a blend both megatron-core caches (per dataset
+    and the blend's own) are covered."""
+    paths = ["0.6", sotu, "0.4", heldout] if blend else [sotu]
+    first = _tokens(build_datasets(cfg(paths, tmp_path), sp_tokenizer, SEQ, (30, 0, 0), 1)[0])
+    cache = tmp_path / "cache"
+    damaged = sorted(cache.glob("*shuffle_index.npy")) + sorted(cache.glob("*dataset_index.npy"))
+    assert len(damaged) == (3 if blend else 1)
+    for f in damaged:
+        f.write_bytes(f.read_bytes()[:100])
+    again = _tokens(build_datasets(cfg(paths, tmp_path), sp_tokenizer, SEQ, (30, 0, 0), 1)[0])
+    assert again == first
+    assert all(np.load(f).size for f in damaged)  # rewritten whole
+    assert not list(cache.glob(".staging-*"))
+
+
+def test_cache_is_published_only_when_complete(tmp_path, sotu, sp_tokenizer, monkeypatch):
+    """A build interrupted while it writes leaves no cache file under its final name (the
+    previous behaviour: a half-written .npy that every later start tried to load)."""
+    real_save = np.save
+
+    def save_half_then_die(path, arr, *a, **k):
+        if str(path).endswith("sample_index.npy"):
+            with open(path, "wb") as f:
+                f.write(b"\x93NUMPY")
+            raise KeyboardInterrupt  # as if killed
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
         build_datasets(cfg([sotu], tmp_path), sp_tokenizer, SEQ, (30, 0, 0), 1)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(np, "save", real_save)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / "cache" / f".staging-{socket.gethostname()}-{dead.pid}"  # a SIGKILLed build
+    stale.mkdir()
+    train, _, _ = build_datasets(cfg([sotu], tmp_path), sp_tokenizer, SEQ, (30, 0, 0), 1)
+    assert len(train) >= 30 and len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    assert not stale.exists()
 
 
 def test_bad_arguments(tmp_path, sotu, sp_tokenizer):

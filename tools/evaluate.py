@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megatron_latentcot.training.faults import exits_on_input_error  # noqa: E402
+
 
 def _named(spec: str) -> tuple[str, str]:
     name, sep, path = spec.partition("=")
@@ -71,9 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model = load_model(args.checkpoint, device=args.device, dtype=parse_dtype(args.dtype),
                        tokenizer_model=args.tokenizer_model)
-    tok = model.tokenizer
-    if tok is None:
-        raise SystemExit("the checkpoint's tokenizer was not found: pass --tokenizer-model")
+    tok = model.require_tokenizer()
     data = [_named(s) for s in args.data]
     jsonl = [_named(s) for s in args.jsonl]
     if not data and not jsonl and not args.no_default_data:  # the config's evaluation data
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+@exits_on_input_error  # a missing run directory, a corrupt .idx: one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Perplexity and LAMBADA-style accuracy of a checkpoint")
     p.add_argument("checkpoint", help="run directory, iter_* directory or latent export")

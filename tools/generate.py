@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from megatron_latentcot.training.faults import exits_on_input_error  # noqa: E402
 
+
+@exits_on_input_error  # a missing run directory, a truncated checkpoint: one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Generate with the latent loop per token")
     p.add_argument("checkpoint", help="run directory, iter_* directory or latent export")
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [""]  # unconditional: from the document start
     model = load_model(args.checkpoint, device=args.device, dtype=parse_dtype(args.dtype),
                        tokenizer_model=args.tokenizer_model)
+    model.require_tokenizer()
     sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed)
     outputs, records, totals = [], [], {"tokens": 0, "steps": 0, "seconds": 0.0, "flops": 0.0}
     for start in range(0, len(prompts), args.batch_size):

@@ -12,6 +12,10 @@ by weight (``BlendedDataset``) and the train/valid/test split is by document rat
 * a cache key that covers the data: megatron-core keys its cache on the path, sizes, seed and
   split only, so a dataset rebuilt in place would silently reuse a stale index; here the hash of
   each ``.idx`` (which is all the indices depend on) is part of the key;
+* a cache that survives a kill: megatron-core writes its ``.npy`` files in place and takes "all
+  files exist" for a hit, so a build killed mid-write failed every later start. The rank that
+  writes the cache checks the files it would load, and builds a missing or damaged set in a
+  staging directory, published by renames (``_AtomicIndexCache``);
 * a world-size-1 gloo group when none exists (``BlendedDataset`` calls
   ``torch.distributed.get_rank()`` unconditionally when it writes its cache);
 * our sample format (below) without the ``[1, T, T]`` attention mask megatron builds per sample;
@@ -30,12 +34,15 @@ index cache first and the others load it after a barrier.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import shutil
+import socket
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -75,6 +82,76 @@ class _TokenizerInfo:
              ("vocab_size", self.vocab_size), ("eod", self.eod)])
 
 
+T = TypeVar("T")
+
+
+def _loads(path: str) -> bool:
+    """Whether ``path`` is a complete ``.npy`` (header and data, as megatron-core mmaps it)."""
+    try:
+        np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    return True
+
+
+class _AtomicIndexCache:
+    """Mixin for megatron-core datasets that cache index arrays under ``path_to_cache``.
+
+    megatron-core names them ``<hash>-<class>-<split>-<suffix>``, writes them in place and
+    loads them when all exist. On the rank that writes (rank 0, or no process group), a set
+    with a missing or unreadable file is built in ``.staging-<host>-<pid>`` with the config's
+    ``path_to_cache`` pointed there, then renamed into place, ``description.txt`` last. Other
+    ranks load what rank 0 published before megatron-core's barrier.
+    """
+
+    CACHE_FILES: tuple[str, ...] = ()  # the .npy suffixes megatron-core writes
+    config: Any
+    unique_description_hash: str
+
+    def _atomic_cache(self, build: Callable[[], T], split: str) -> T:
+        import torch.distributed as dist
+
+        cache = self.config.path_to_cache
+        if not cache or (dist.is_initialized() and dist.get_rank() != 0):
+            return build()
+        base = os.path.join(cache, f"{self.unique_description_hash}-{type(self).__name__}-{split}-")
+        npys = [base + suffix for suffix in self.CACHE_FILES]
+        present = [p for p in npys if os.path.exists(p)]
+        if len(present) == len(npys) and os.path.exists(base + "description.txt") and \
+                all(map(_loads, npys)):
+            return build()  # a hit: megatron-core loads them
+        for bad in (p for p in present if not _loads(p)):
+            logger.warning("%s: damaged sample index cache file (an interrupted write?); "
+                           "rebuilding it", bad)
+        host = socket.gethostname()
+        for old in os.listdir(cache):  # staging leftovers of killed builds on this host
+            pid = old.rsplit("-", 1)[-1]
+            if old.startswith(f".staging-{host}-") and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(cache, old), ignore_errors=True)
+        stage = os.path.join(cache, f".staging-{host}-{os.getpid()}")
+        os.makedirs(stage, exist_ok=True)
+        real, self.config = self.config, copy.copy(self.config)
+        self.config.path_to_cache = stage
+        try:
+            out = build()
+            for path in [*npys, base + "description.txt"]:
+                os.replace(os.path.join(stage, os.path.basename(path)), path)
+        finally:
+            self.config = real
+            shutil.rmtree(stage, ignore_errors=True)
+        return out
+
+
 _CLASSES: Any = None
 
 
@@ -83,6 +160,7 @@ def _mcore() -> Any:
     global _CLASSES
     if _CLASSES is not None:
         return _CLASSES
+    from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -93,10 +171,28 @@ def _mcore() -> Any:
         # sha256 of each prefix's .idx: part of the cache key, so a rebuilt dataset is re-indexed
         data_fingerprints: list[str] = field(default_factory=list)
 
-    class GPTSamples(GPTDataset):
+    class BlendedSamples(_AtomicIndexCache, BlendedDataset):
+        CACHE_FILES = ("dataset_index.npy", "dataset_sample_index.npy")
+
+        def _build_indices(self) -> Any:
+            return self._atomic_cache(super()._build_indices, self.split.name)
+
+    class Builder(BlendedMegatronDatasetBuilder):
+        @staticmethod
+        def build_generic_dataset(cls: Any, *args: Any) -> Any:
+            cls = BlendedSamples if cls is BlendedDataset else cls
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(cls, *args)
+
+    class GPTSamples(_AtomicIndexCache, GPTDataset):
+        CACHE_FILES = ("document_index.npy", "sample_index.npy", "shuffle_index.npy")
+
         @staticmethod
         def _key_config_attributes() -> list[str]:
             return [*GPTDataset._key_config_attributes(), "data_fingerprints"]
+
+        def _build_document_sample_shuffle_indices(self) -> Any:
+            return self._atomic_cache(super()._build_document_sample_shuffle_indices,
+                                      self.index_split.name)
 
         def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
             text, _ = self._query_document_sample_shuffle_indices(int(idx))
@@ -115,7 +211,7 @@ def _mcore() -> Any:
                 sample["doc_ids"] = torch.cumsum(is_eod, 0) - is_eod
             return sample
 
-    _CLASSES = (BlendedMegatronDatasetBuilder, SamplesConfig, GPTSamples)
+    _CLASSES = (Builder, SamplesConfig, GPTSamples)
     return _CLASSES
 
 
@@ -258,12 +354,10 @@ def build_datasets(
             built = builder.build()
         except IndexError as e:  # BlendedDataset: a blend oversamples one of its datasets
             raise DatasetError(f"cannot blend {data_cfg.data_path}: {e}") from None
-        except (ValueError, EOFError, OSError) as e:
-            # megatron-core writes its .npy cache in place and treats "all files exist" as a
-            # hit, so a build killed mid-write leaves a cache that fails to load.
+        except (ValueError, EOFError, OSError) as e:  # rank 0 checked and wrote it: others load
             raise DatasetError(
-                f"loading or writing the sample index cache in {cache_dir} failed ({e}); if an "
-                "earlier build was interrupted, delete that directory and retry") from None
+                f"loading or writing the sample index cache in {cache_dir} failed ({e}); "
+                "data.cache_dir must be writable and shared by every rank") from None
     out = [None if d is None else SampleDataset(d, name) for d, name in zip(built, SPLITS)]
     return out[0], out[1], out[2]
 

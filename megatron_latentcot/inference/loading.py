@@ -71,6 +71,14 @@ class LoadedModel:
     def eod(self) -> int | None:
         return self.tokenizer.eod if self.tokenizer is not None else None
 
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or a LoadError saying which file was looked for (text in, text out)."""
+        if self.tokenizer is None:
+            raise LoadError(f"{self.source.get('path', 'the model')}: the tokenizer it was "
+                            f"trained with ({self.cfg.data.tokenizer_model}) was not found; "
+                            "pass --tokenizer-model")
+        return self.tokenizer
+
 
 # -- building -------------------------------------------------------------------------------
 
@@ -280,6 +288,7 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32,
                         tokenizer_model: str | Path | None = None) -> LoadedModel:
     """A directory written by ``save_latent_export`` (safetensors + ``latent_config.json``)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(path)
@@ -293,7 +302,12 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu",
     cfg = config_from_saved({"model": meta["model"], "latent": meta["latent"], "data": data},
                             str(d))
     model = build_model(cfg, int(meta["vocab_size"]), device="cpu", dtype=torch.float32)
-    load_logical_state(model, load_file(str(d / WEIGHTS)))
+    try:
+        weights = load_file(str(d / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise LoadError(f"{d / WEIGHTS}: unreadable weights ({e}); expected the safetensors "
+                        "file tools/export_hf.py writes") from e
+    load_logical_state(model, weights)
     model.stage.to(device=device, dtype=dtype)
     model.tokenizer = _load_tokenizer(model.cfg, tok.get("fingerprint"), tokenizer_model, d)
     model.source = {"kind": "export", "path": str(d), **{k: meta.get(k) for k in

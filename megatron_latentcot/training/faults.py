@@ -3,17 +3,21 @@
 Exit codes of ``python -m megatron_latentcot.pretrain`` (a launch script branches on them):
 
 - ``EXIT_OK`` (0): training finished.
-- ``EXIT_FAILURE`` (1): an error (bad checkpoint, full disk, non-finite losses, a failed or
-  timed-out collective...); the message says which. Only a failed collective (a lost node) is
-  worth an automatic restart from the last checkpoint; the others need a fix first.
-- ``EXIT_CONFIG`` (2): the config or launch environment is invalid.
+- ``EXIT_FAILURE`` (1): a failure while training (a failed save or full disk, non-finite losses,
+  a failed or timed-out collective...); the message says which. Only a failed collective (a lost
+  node) is worth an automatic restart from the last checkpoint; the others need a fix first.
+- ``EXIT_CONFIG`` (2): bad input, found before training starts: the config, the launch
+  environment, the data (a missing or corrupt ``.idx``/``.bin``, another tokenizer's dataset),
+  the tokenizer, or the checkpoint to load (missing, truncated, another model's). One line names
+  the file and what was expected (:func:`exits_on_input_error`); retrying cannot help.
 - ``EXIT_REQUEUE`` (3): preempted (SIGTERM or SIGUSR1, e.g. Slurm ``--signal=USR1@120``); a
   checkpoint was saved at the iteration boundary. Requeue with ``train.load`` = ``train.save``.
   Without ``train.save`` nothing can be saved and the code is 128 + the signal (143, 138).
 - ``EXIT_HUNG`` (4): the hang watchdog ended a rank that made no progress for longer than
   ``parallel.timeout_minutes`` (plus a grace period) in a phase where a collective could hang.
 
-Nothing here imports megatron-core, so checkpoint code and tests stay light.
+Nothing here imports torch or megatron-core at import time, so command-line tools can use
+:func:`exits_on_input_error` and still answer ``--help`` at once.
 """
 
 from __future__ import annotations
@@ -21,16 +25,19 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import fnmatch
+import functools
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ParamSpec
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+P = ParamSpec("P")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -48,6 +55,53 @@ class TrainingHalted(RuntimeError):
 
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names the rank and the operation."""
+
+
+# -- bad input: one line and EXIT_CONFIG, no traceback ---------------------------------------
+# (module, class, label): the project's errors that mean "the input is wrong". Checked through
+# sys.modules: an error of a module never imported cannot have been raised, and this module
+# stays free of those (heavy) imports. A CheckpointError while training (a failed save) is a
+# runtime failure: pretrain.py catches it first (EXIT_FAILURE).
+INPUT_ERRORS = (
+    ("megatron_latentcot.config", "ConfigError", "config error"),
+    ("megatron_latentcot.parallel", "LaunchError", "launch error"),
+    ("megatron_latentcot.data.tokenizer", "TokenizerError", "error"),
+    ("megatron_latentcot.data.corpus", "CorpusError", "error"),
+    ("megatron_latentcot.data.indexed", "IndexedDatasetError", "error"),
+    ("megatron_latentcot.data.dataset", "DatasetError", "error"),
+    ("megatron_latentcot.training.checkpoint", "CheckpointError", "error"),
+    ("megatron_latentcot.inference.loading", "LoadError", "error"),
+)
+
+
+def input_error_label(e: BaseException) -> str | None:
+    """``"config error"``, ``"launch error"`` or ``"error"`` when ``e`` is bad input, else None."""
+    for module, name, label in INPUT_ERRORS:
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(e, getattr(mod, name)):
+            return label
+    return None
+
+
+def exits_on_input_error(main: Callable[P, int]) -> Callable[P, int]:
+    """Wrap a command-line ``main``: bad input prints one line and returns ``EXIT_CONFIG``.
+
+    Bad input (:data:`INPUT_ERRORS`, and a missing file a tool was pointed at) is the user's to
+    fix; a traceback only buries the line that says what to fix. Every other exception still
+    raises with its traceback: that is a bug or a runtime failure.
+    """
+    @functools.wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except Exception as e:
+            label = input_error_label(e) or ("error" if isinstance(e, FileNotFoundError) else None)
+            if label is None:
+                raise
+            text = " ".join(line.strip() for line in str(e).strip().splitlines())
+            print(f"{label}: {text or type(e).__name__}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+    return wrapper
 
 
 # -- preemption ----------------------------------------------------------------------------
@@ -81,6 +135,9 @@ class PreemptionHandler:
         """The signal number if any rank received one (collective when world_size > 1)."""
         if world_size == 1:
             return self.signum
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
@@ -92,6 +149,8 @@ _COLLECTIVE_MARKERS = ("timed out", "timeout", "connection closed", "connection 
 
 
 def is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
     if isinstance(e, dist.DistError):
         return True
     return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _COLLECTIVE_MARKERS)
