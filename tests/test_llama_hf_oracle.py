@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import require
 from tests.dist_utils import run_distributed
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 
 def _compare(tie: bool, doc_masking: bool) -> float:

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import require
+
 try:
     from tests.reference.naive import RefConfig, random_params, run_reference
 except ImportError:  # tests/ is not a package on sys.path: pytest put tests/ itself there
@@ -192,7 +194,7 @@ def test_vanilla_matches_dense_llama(tie: bool, with_doc: bool) -> None:
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_vanilla_matches_hf_llama(tie: bool) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = dataclasses.replace(CFG, tie_embeddings=tie, embedding_multiplier=1.0)
     p = random_params(cfg, seed=2, std=0.2)
     kw = {
