@@ -15,11 +15,12 @@ setup(
         "pyyaml>=6.0",
         "tensorboard>=2.14",
         "zstandard>=0.22",
+        "matplotlib>=3.7",  # the latent-steps pictures and FLOPs plots are main outputs
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6", "transformers>=4.45", "safetensors"],
         "wandb": ["wandb"],
-        "eval": ["lm-eval>=0.4", "matplotlib"],
+        "eval": ["lm-eval>=0.4"],  # the lm-evaluation-harness adapter (megatron_latentcot.eval.lm_eval)
     },
     entry_points={
         "console_scripts": [

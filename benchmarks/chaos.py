@@ -316,6 +316,20 @@ def run_chaos(data: dict[str, str], workdir: Path, world: int = 2, kills: int = 
 
     plans = make_plan(kills, world, save_interval, startup_s, rng)
     attempts, corrupt, resumes_ok, resumes, survivors_hung = [], 0, 0, 0, 0
+    losses: dict[int, list[float]] = {}  # every attempt's losses, recomputed iterations included
+    cut_lines = 0
+
+    def collect(job: Job) -> None:
+        """This attempt's rows: a resumed run keeps metrics.jsonl up to where it resumed and
+        drops the rest, so what lies past that is this attempt's (and is gone next time)."""
+        nonlocal cut_lines
+        if job.resumed_at is None:  # killed before it loaded anything: it wrote nothing
+            return
+        logged, _, bad = read_losses(run_dir / "metrics.jsonl")
+        cut_lines += bad
+        for i, vs in logged.items():
+            if i > job.resumed_at:
+                losses.setdefault(i, []).extend(vs)
     expected_resume = 0
     for attempt, plan in enumerate([*plans, None]):
         fault = f"{plan.point}@{plan.rank}=sleep:600" if plan and plan.kind == "save" else None
@@ -351,6 +365,7 @@ def run_chaos(data: dict[str, str], workdir: Path, world: int = 2, kills: int = 
                 log(f"  attempt {attempt}: resumed at {job.resumed_at}, expected {expected_resume}")
         rec["observed_resume"] = job.resumed_at
         if plan is None:
+            collect(job)
             attempts.append(rec)
             log(f"attempt {attempt}: final run exit codes {codes}")
             if codes != [0] * world:
@@ -358,6 +373,7 @@ def run_chaos(data: dict[str, str], workdir: Path, world: int = 2, kills: int = 
             break
         if any(p.poll() is not None for p in job.procs):  # ended before the kill landed
             codes = job.wait(job_timeout)
+            collect(job)
             rec.update(kind="ended", exit_codes=codes)
             attempts.append(rec)
             log(f"attempt {attempt}: ended before its kill ({codes})")
@@ -365,6 +381,7 @@ def run_chaos(data: dict[str, str], workdir: Path, world: int = 2, kills: int = 
                 break
             raise RuntimeError(f"attempt {attempt} failed:\n" + "\n".join(job.output[-40:]))
         rec.update(job.kill(plan.rank, survivor_timeout))
+        collect(job)
         survivors_hung += len(rec["survivors_hung"])
         state = inspect_checkpoints(run_dir)
         corrupt += len(state["corrupt"]) + (not state["latest_ok"])
@@ -377,7 +394,7 @@ def run_chaos(data: dict[str, str], workdir: Path, world: int = 2, kills: int = 
             f"{state['latest']}, {len(state['complete'])} complete, {len(state['corrupt'])} corrupt"
             f", leftovers {state['leftovers']}, survivors {rec['survivor_exit_codes']}")
 
-    losses, valid, cut_lines = read_losses(run_dir / "metrics.jsonl")
+    _, valid, _ = read_losses(run_dir / "metrics.jsonl")
     diffs = [abs(v - ref_losses[i]) for i, vs in losses.items() for v in vs if i in ref_losses]
     mismatched = sorted(i for i, vs in losses.items() if any(v != ref_losses.get(i) for v in vs))
     final_ckpt = f"iter_{iters:07d}"

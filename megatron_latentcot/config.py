@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from megatron_latentcot.data.tokenizer import TokenizerError, canonical_tokenizer_type
+
 METHODS = ("vanilla", "adaptive", "latent_fixed", "looped", "pause", "pondering")
 
 
@@ -63,6 +65,10 @@ class LatentConfig:
     router_bias_init: float = 0.0  # sigmoid(0) = 0.5: gates start undecided
     attention_backend: str = "sdpa"  # "sdpa" (CPU + reference) or "flex" (GPU)
     compact: bool = True  # run each step on the active tokens only
+    # Pondering's expected embedding softmax(LMHead(h)) @ (E * s): "sqrt_hidden" s = sqrt(d)
+    # [prior, PonderLM]; "embedding_multiplier" s = model.embedding_multiplier, the token
+    # embeddings' own scale (what runs before this switch used).
+    pondering_embedding_scale: str = "sqrt_hidden"
 
 
 @dataclass
@@ -84,7 +90,7 @@ class DataConfig:
     data_path: list[str | float] = field(default_factory=list)
     split: str = "969,30,1"
     seq_length: int = 256
-    tokenizer_type: str = "sentencepiece"  # "sentencepiece" or "huggingface"
+    tokenizer_type: str = "sentencepiece"  # a name of data.tokenizer.TOKENIZER_TYPES
     tokenizer_model: str | None = None
     cache_dir: str | None = None  # where sample indices are cached; None = beside the data
     reset_attention_mask: bool = False  # no attention across EOD inside a packed sample
@@ -121,6 +127,9 @@ class TrainConfig:
     save: str | None = None
     save_interval: int = 0  # 0 = save only at the end
     load: str | None = None
+    # Checkpoints already in train.save are resumed when their config is this one's (else the
+    # run is refused); true deletes them at start and trains from scratch (or train.load).
+    overwrite: bool = False
     keep_last: int = 2
     # A failed save (full disk, unwritable directory) stops training; true = warn at every
     # failed save and keep training unsaved.
@@ -284,6 +293,57 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# -- which method runs under which layout ------------------------------------------------------
+# The one table: config validation (so --print-config and the planner), the scheduler and the
+# Slurm launcher's planner check all read it. With K_max = 1 (and always for vanilla) every
+# method is the plain one-pass model, which runs under every layout. With K_max > 1 a method
+# does not run under a layout that has all the features of one of its rows:
+#   pp: parallel.pipeline_model_parallel_size > 1   sp: parallel.sequence_parallel = true
+#   masked: latent.compact = false (the latent loop computes halted tokens and masks them)
+LAYOUT_FEATURES = {"pp": "parallel.pipeline_model_parallel_size > 1",
+                   "sp": "parallel.sequence_parallel=true", "masked": "latent.compact=false"}
+LAYOUT_REFUSALS: tuple[tuple[tuple[str, ...], frozenset[str], str], ...] = (
+    # (methods, features that together refuse them, why)
+    (("pause", "pondering"), frozenset({"pp"}), "its K passes are not steps the pipeline can "
+     "drive (only the latent loop and looped are)"),
+    (("pause", "pondering"), frozenset({"sp"}), "its K passes do not run on token shards"),
+    (("adaptive", "latent_fixed", "looped"), frozenset({"pp", "sp"}), "the latent pipeline sends "
+     "whole activations between stages, not token shards"),
+    (("adaptive", "latent_fixed"), frozenset({"pp", "masked"}), "the latent pipeline sends only "
+     "the surviving tokens between stages"),
+    (("adaptive", "latent_fixed"), frozenset({"sp", "masked"}), "sequence parallelism re-splits "
+     "only the surviving tokens"),
+)
+
+
+def layout_features(cfg: Config) -> frozenset[str]:
+    """The features (keys of LAYOUT_FEATURES) of this config's layout."""
+    par = cfg.parallel
+    on = {"pp": par.pipeline_model_parallel_size > 1, "sp": par.sequence_parallel,
+          "masked": not cfg.latent.compact}
+    return frozenset(f for f, yes in on.items() if yes)
+
+
+def layout_refusal(cfg: Config) -> str | None:
+    """Why ``cfg``'s method does not run under its layout (one line naming the fields), or None."""
+    lat = cfg.latent
+    if lat.method == "vanilla" or lat.max_steps == 1:
+        return None
+    features = layout_features(cfg)
+    for methods, needs, why in LAYOUT_REFUSALS:
+        if lat.method in methods and needs <= features:
+            fields = " and ".join(LAYOUT_FEATURES[f] for f in LAYOUT_FEATURES if f in needs)
+            return (f"latent.method={lat.method} with latent.max_steps={lat.max_steps} does not "
+                    f"run with {fields}: {why}")
+    return None
+
+
+def check_layout(cfg: Config) -> None:
+    """Raise ConfigError when the method does not run under the layout (LAYOUT_REFUSALS)."""
+    refusal = layout_refusal(cfg)
+    _require(refusal is None, refusal or "")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; each failure names the field(s) and the expected value."""
     m, lat, par, data, tr = cfg.model, cfg.latent, cfg.parallel, cfg.data, cfg.train
@@ -310,6 +370,9 @@ def validate(cfg: Config) -> None:
     _require(lat.adaptive_loss_beta >= 0, "latent.adaptive_loss_beta: expected >= 0")
     _require(lat.attention_backend in ("sdpa", "flex"),
              f"latent.attention_backend: expected 'sdpa' or 'flex', got {lat.attention_backend!r}")
+    _require(lat.pondering_embedding_scale in ("sqrt_hidden", "embedding_multiplier"),
+             "latent.pondering_embedding_scale: expected 'sqrt_hidden' or 'embedding_multiplier', "
+             f"got {lat.pondering_embedding_scale!r}")
 
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     _require(tp >= 1, f"parallel.tensor_model_parallel_size: expected >= 1, got {tp}")
@@ -349,6 +412,7 @@ def validate(cfg: Config) -> None:
     _require(par.backend in ("auto", "nccl", "gloo"),
              f"parallel.backend: expected 'auto', 'nccl' or 'gloo', got {par.backend!r}")
     _require(par.timeout_minutes > 0, "parallel.timeout_minutes: expected > 0")
+    check_layout(cfg)
 
     _require(data.seq_length > 0, f"data.seq_length: expected > 0, got {data.seq_length}")
     _require(data.seq_length <= m.max_position_embeddings,
@@ -359,9 +423,10 @@ def validate(cfg: Config) -> None:
                  f"data.seq_length x latent.max_steps ({data.seq_length * lat.max_steps}) exceeds "
                  f"model.max_position_embeddings ({m.max_position_embeddings}): pause tokens "
                  "lengthen the sequence K-fold")
-    _require(data.tokenizer_type in ("sentencepiece", "huggingface"),
-             f"data.tokenizer_type: expected 'sentencepiece' or 'huggingface', "
-             f"got {data.tokenizer_type!r}")
+    try:  # the one table of names tools/preprocess_data.py accepts too (Megatron-LM's included)
+        canonical_tokenizer_type(data.tokenizer_type)
+    except TokenizerError as e:
+        raise ConfigError(f"data.tokenizer_type: {e}") from None
     parse_split(data.split)
     if data.data_path:
         parse_blend(data.data_path)

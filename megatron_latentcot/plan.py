@@ -16,10 +16,13 @@ Everything follows the code, not a textbook formula:
 - **Activations**: the bytes autograd saves for backward per micro-batch, op by op as the model
   runs them (residual stream and norms in fp32, matmul outputs in the compute dtype), for every
   latent step at its active-token count, including the per-step K/V cache and, for the ``sdpa``
-  backend, the gathered keys and the dense (queries x cached keys) mask. Recompute keeps block
-  inputs and the K/V caches the next step reads. The GPipe schedule keeps every micro-batch of
-  an iteration alive when PP > 1. The ``sdpa`` terms are checked against what autograd saves on
-  CPU (tests/test_plan.py); the ``flex`` terms cannot be measured on CPU (no backward there).
+  backend, the gathered keys and the dense (queries x cached keys) mask; for ``flex``, the
+  per-row copies of Q/K/V/output at whole-block widths and one block mask per pass as built
+  (``model.attention.flex_mask_bytes``: integers per block, MiB where a dense mask is GiB).
+  Recompute keeps block inputs and the K/V caches the next step reads. The GPipe schedule keeps
+  every micro-batch of an iteration alive when PP > 1. The ``sdpa`` terms are checked against
+  what autograd saves on CPU (tests/test_plan.py); flex's saved tensors cannot be (no backward
+  on CPU), its block masks and K/V row widths are checked against a real flex forward.
 - **FLOPs**: :mod:`megatron_latentcot.flops` on the step profile (default: every token runs
   K_max steps, the upper bound), plus the paper's 6 N per (token, pass) convention.
 - **Time**: FLOPs per iteration / (GPUs x peak x MFU).
@@ -34,7 +37,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from megatron_latentcot.config import Config, ConfigError, load_config
+from megatron_latentcot.config import Config, ConfigError, layout_refusal, load_config
 from megatron_latentcot.flops import PEAK_TFLOPS, causal_pairs, latent_train_flops
 
 GiB = 2**30
@@ -227,12 +230,14 @@ def layer_step_bytes(step: Step, dm: Dims, backend: str, rows: int, doc_mask: bo
     if not gathered_sdpa:  # (the gathered layout saves its gathered copies instead)
         total += a * (dm.hq + 2 * dm.hkv) * n  # fused QKV output (V is a view of it)
         total += a * (dm.hq + dm.hkv) * n  # rotated Q and K
+    if backend == "flex":  # per-row copies of Q, K, V, output (whole blocks); log-sum-exp
+        wq, wk = flex_widths(step)
+        kv = 1 if not step.gathered and wq == step.width_q else 2  # token pass: V is a view
+        total += rows * ((2 * a * dm.hq + FP32 * dm.heads) * wq + kv * a * dm.hkv * wk)
+        total += a * dm.hq * n  # the output packed back (o_proj input)
+        return total + 4 * a * dm.ffn * n  # gate|up output, silu(gate), silu(gate) * up
     total += FP32 * dm.heads * (rows * step.width_q if gathered_sdpa else n)  # log-sum-exp
-    if backend == "flex":
-        total += 2 * a * dm.hq * n  # output and its packed copy
-        if step.new_cache:
-            total += 2 * a * dm.hkv * step.keys  # the K and V cache concatenated for this step
-    elif step.gathered:  # SDPA over per-row gathered queries and cached keys, explicit mask
+    if step.gathered:  # SDPA over per-row gathered queries and cached keys, explicit mask
         wq, wk = rows * step.width_q, rows * step.width_k
         total += 2 * a * dm.hq * wq  # gathered queries, attention output
         total += 2 * a * dm.hkv * wk  # gathered keys and values
@@ -246,10 +251,27 @@ def layer_step_bytes(step: Step, dm: Dims, backend: str, rows: int, doc_mask: bo
     return total
 
 
+def flex_widths(step: Step) -> tuple[int, int]:
+    """flex's row widths of a pass: queries and keys rounded up to whole blocks."""
+    from megatron_latentcot.model.attention import flex_width
+
+    return flex_width(step.width_q), flex_width(step.width_k)
+
+
+def flex_mask(step: Step, rows: int) -> int:
+    """Bytes of the block mask (and row layout) flex builds for a pass, as built."""
+    from megatron_latentcot.model.attention import flex_mask_bytes
+
+    return flex_mask_bytes(rows, *flex_widths(step))
+
+
 def step_shared_bytes(step: Step, dm: Dims, backend: str, rows: int) -> float:
-    """Per pass, shared by all blocks of a stage: RoPE cos/sin, SDPA gather indices."""
+    """Per pass, shared by all blocks of a stage: RoPE cos/sin, SDPA gather indices or
+    flex's block mask with its row layout."""
     total = 2 * dm.head_dim * FP32 * step.n
-    if backend == "sdpa" and step.gathered:
+    if backend == "flex":
+        total += flex_mask(step, rows)
+    elif step.gathered:
         total += (INDEX + 1) * rows * step.width_q + INDEX * rows * step.width_k
     return total
 
@@ -270,7 +292,7 @@ class ActivationEstimate:
 
     layers: float  # saved by the transformer blocks, all steps (recompute: what they keep)
     latent_cache: float  # part of ``layers``: K/V caches and gathered keys of steps >= 2
-    attention_mask: float  # part of ``layers``: dense SDPA masks
+    attention_mask: float  # part of ``layers``: dense SDPA masks, or flex's block masks
     head: float  # embedding ids, final norms, router, LM head and loss
     loss_transient: float  # start of backward: log-softmax gradient and its input gradient
     recompute_transient: float  # recompute: one block rebuilt + its gradient buffers
@@ -294,26 +316,27 @@ def activation_bytes(cfg: Config, vocab: int, tp: int, pp_rank: int, rows: int,
     doc_mask = data.reset_attention_mask if doc_mask is None else doc_mask
     per_layer = [layer_step_bytes(s, dm, backend, rows, doc_mask) for s in steps]
     shared = sum(step_shared_bytes(s, dm, backend, rows) for s in steps)
-    cache = mask = 0.0
+    cache = mask = flex_masks = 0.0
     for s in steps:
-        if s.gathered and backend == "sdpa":
+        if backend == "flex":  # per-row K/V copies; one block mask per pass (in ``shared``)
+            cache += 2 * dm.a * dm.hkv * rows * flex_widths(s)[1] if s.new_cache else 0.0
+            flex_masks += flex_mask(s, rows)
+        elif s.gathered:
             cache += 2 * dm.a * dm.hkv * rows * s.width_k
             mask += dm.a * rows * s.width_q * s.width_k
-        elif s.new_cache:
-            cache += 2 * dm.a * dm.hkv * s.keys
-        elif doc_mask and backend == "sdpa":
+        elif doc_mask:
             mask += dm.a * rows * s.width_q * s.width_k
     rebuild = 0.0
     if recompute:  # each block keeps its input; K/V of a step stay alive for the next step
         kept_cache = _cache_kept(steps, dm)
         layers = n_layers * (sum(FP32 * dm.h * s.n / dm.sp for s in steps) + kept_cache) + shared
-        cache, mask = n_layers * kept_cache, 0.0
+        cache, mask = n_layers * kept_cache, flex_masks
         widest = max(s.n for s in steps)
         # one block's saved tensors rebuilt, plus the residual stream's gradients
         rebuild = max(per_layer) + 2 * FP32 * dm.h * widest / dm.sp
     else:
         layers = n_layers * sum(per_layer) + shared
-        cache, mask = n_layers * cache, n_layers * mask
+        cache, mask = n_layers * cache, n_layers * mask + flex_masks
     n = rows * data.seq_length
     head = loss = 0.0
     if pp_rank == 0:
@@ -511,17 +534,9 @@ def make_plan(cfg: Config, layout: Layout, vocab: int, gpu: str = "H100",
 
 def layout_problems(cfg: Config, layout: Layout) -> list[str]:
     """Layouts the code refuses or that cannot work, whatever the memory."""
-    tr, lat, par, m = cfg.train, cfg.latent, cfg.parallel, cfg.model
-    k_max = 1 if lat.method == "vanilla" else lat.max_steps
-    out = []
-    # mirrors LatentStepScheduler's refusals
-    if k_max > 1 and layout.pp > 1:
-        out.append(f"latent.method={lat.method} with K_max > 1 does not run with pipeline "
-                   "parallelism yet (LatentStepScheduler refuses it)")
-    if k_max > 1 and par.sequence_parallel and (lat.method in ("pause", "pondering")
-                                                or not lat.compact):
-        out.append(f"latent.method={lat.method} (compact={lat.compact}) does not run with sequence "
-                   "parallelism yet")
+    tr, par, m = cfg.train, cfg.parallel, cfg.model
+    refusal = layout_refusal(cfg)  # config.py's table (load_config already refuses these)
+    out = [refusal] if refusal else []
     if m.tie_embeddings and layout.pp > 1:
         out.append("model.tie_embeddings with PP > 1: the last stage has no embedding to tie")
     if m.tie_embeddings and par.zero == "fsdp2" and layout.dp > 1:
@@ -584,8 +599,8 @@ def report(plan: Plan, cfg: Config) -> str:
                 lines.append(f"    {name:44s} {value / GiB:9.2f}")
         a = s.activation
         lines.append(f"      of which per micro-batch: blocks {a.layers / GiB:.2f} (latent K/V "
-                     f"{a.latent_cache / GiB:.2f}, SDPA masks {a.attention_mask / GiB:.2f}), "
-                     f"head/loss {a.head / GiB:.2f}")
+                     f"{a.latent_cache / GiB:.2f}, {lat.attention_backend} masks "
+                     f"{a.attention_mask / 2**20:.1f} MiB), head/loss {a.head / GiB:.2f}")
         other = "on" if not tr.recompute else "off"
         lines.append(f"    {'PEAK':44s} {s.peak / GiB:9.2f}   (backward {s.peak_backward / GiB:.2f}, "
                      f"optimizer step {s.peak_optimizer / GiB:.2f}; with recompute {other}: "

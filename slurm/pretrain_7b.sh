@@ -61,8 +61,11 @@ DATA_CACHE=${DATA_CACHE-}                     # sample-index cache dir (default:
 NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-4}}}   # outside Slurm (dry run): 4
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 TP=${TP-}                                     # tensor parallel (7B config: 4)
-PP=${PP-}                                     # pipeline parallel (latent methods need 1)
-SP=${SP-}                                     # sequence parallel: true/false (needs TP > 1)
+# Which method runs under which layout: LAYOUT_REFUSALS in megatron_latentcot/config.py, one table
+# read by the trainer and by the planner check below (PLAN_CHECK=1). With K_max > 1, PP > 1 and
+# SP exclude each other, and adaptive or latent_fixed with latent.compact=false run with neither.
+PP=${PP-}                                     # pipeline parallel; with K_max > 1 not for: pause pondering
+SP=${SP-}                                     # sequence parallel (needs TP > 1); with K_max > 1 not for: pause pondering
 ZERO=${ZERO-fsdp2}                            # ZeRO over data parallel: fsdp2 or none
 RECOMPUTE=${RECOMPUTE-}                       # activation recompute per block: true/false
 MICRO_BATCH=${MICRO_BATCH-}

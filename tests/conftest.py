@@ -82,6 +82,18 @@ def _no_npm(exc: NpmNotFoundError) -> NoReturn:
     missing(f"npm is not installed and nothing is cached: {exc}")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny shapes, where more threads only spin (badly so
+    on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mlc_cache_dir() -> Path:
     """The on-disk cache shared by tests and tools (``$MLC_CACHE`` or ~/.cache/...)."""
@@ -209,13 +221,3 @@ def gpt2_tokenizer_path(mlc_cache_dir: Path) -> Path:
     tok.save(str(tmp))
     tmp.replace(out)
     return out
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Heavy multi-process tests run only with MLC_RUN_SLOW=1 (CI runs a representative subset)."""
-    if os.environ.get("MLC_RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: set MLC_RUN_SLOW=1 to run")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

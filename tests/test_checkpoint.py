@@ -11,6 +11,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -354,3 +355,79 @@ def test_optimizer_state_of_files_without_param_names_is_named_by_the_grouping_r
     with pytest.raises(ckpt.CheckpointError, match=r"param_groups hold \[2, 1\] parameters, the "
                        r"model \[3\]: cannot tell which state is whose"):
         reshard.optimizer_by_name(payload, tmp_path, lambda n: False)
+
+
+# -- one run per directory (RunLock) ------------------------------------------------------------
+def _write_lock(root: Path, **holder) -> Path:
+    path = root / ckpt.LOCK
+    path.write_text(json.dumps({"started": "2025-01-01T00:00:00", **holder}))
+    return path
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_after_its_process_ends(tmp_path):
+    import socket
+    import sys
+
+    host, logs = socket.gethostname(), []
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = _write_lock(tmp_path, host=host, pid=live.pid,
+                           proc_start=ckpt._proc_start(live.pid))
+        with pytest.raises(ckpt.CheckpointError, match=rf"^in use by another run \(host {host}, "
+                           rf"pid {live.pid}, started 2025-01-01T00:00:00; lock file {lock}\)"):
+            ckpt.RunLock(tmp_path).acquire(logs.append)
+        # the same pid, now another process (a reused pid): stale
+        _write_lock(tmp_path, host=host, pid=live.pid, proc_start="1")
+        first = ckpt.RunLock(tmp_path)
+        first.acquire(logs.append)
+        assert logs == [f"took over the stale lock {lock} (host {host}, pid {live.pid}, started "
+                        f"2025-01-01T00:00:00): its process {live.pid} has ended"]
+        first.release()
+        assert not lock.exists()
+    finally:
+        live.kill()
+        live.wait()
+    _write_lock(tmp_path, host=host, pid=live.pid)  # SIGKILLed: gone
+    mine = ckpt.RunLock(tmp_path)
+    mine.acquire(logs.append)
+    assert json.loads(lock.read_text())["pid"] == os.getpid() and "has ended" in logs[-1]
+    again = ckpt.RunLock(tmp_path)  # a later Trainer of this process: handed over
+    again.acquire(logs.append)
+    assert len(logs) == 2 and ckpt.RunLock.held[lock] is again
+    mine.release()  # no longer its lock: stays
+    assert lock.exists()
+    again.release()
+    assert not lock.exists() and not ckpt.RunLock.held
+
+
+def test_run_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
+    import threading
+
+    lock, logs = _write_lock(tmp_path, host="elsewhere", pid=1, heartbeat=0), []
+    stop = threading.Event()
+
+    def beat() -> None:  # the other host's run, alive
+        n = 0
+        while not stop.wait(0.02):
+            n += 1
+            tmp = tmp_path / "beat.tmp"
+            tmp.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "s", "heartbeat": n}))
+            os.replace(tmp, lock)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(ckpt.CheckpointError, match="in use by another run .host elsewhere"):
+            ckpt.RunLock(tmp_path, heartbeat_s=0.2).acquire(logs.append)
+    finally:
+        stop.set()
+        thread.join()
+    assert "watching its heartbeat for 0.5 s" in logs[0]
+    mine = ckpt.RunLock(tmp_path, heartbeat_s=0.4)  # the heartbeat has stopped: stale
+    mine.acquire(logs.append)
+    assert logs[-1].endswith("its heartbeat has not changed for 1 s"), logs
+    first = json.loads(lock.read_text())
+    time.sleep(1.0)
+    assert json.loads(lock.read_text())["heartbeat"] > first["heartbeat"] == 0  # its own beats
+    mine.release()
+    assert not lock.exists()

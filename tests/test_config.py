@@ -50,6 +50,9 @@ def test_example_configs_load():
     (["data.data_path=[0, a, 0, b]"], "data.data_path"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
     (["model.num_query_groups=3"], "model.num_query_groups"),
+    (["latent.pondering_embedding_scale=sqrt_d"], "latent.pondering_embedding_scale"),
+    (["latent.method=pause", "parallel.pipeline_model_parallel_size=2"],
+     "parallel.pipeline_model_parallel_size > 1"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

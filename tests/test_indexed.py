@@ -283,3 +283,91 @@ def test_merge_refuses_mismatched_inputs(tmp_path, capsys, sp_tokenizer):
     assert merge_main(["--input", str(orphan), "--output-prefix", str(tmp_path / "m")]) == 1
     assert "x.bin has no .idx" in capsys.readouterr().err
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_merge_checks_token_ids_of_inputs_without_metadata(tmp_path, capsys, docs, sp_tokenizer):
+    """An input without .meta.json (Megatron-LM's) cannot prove its tokenizer: its ids are
+    checked against the vocabulary the other inputs record (or --vocab-size). Here the 4096-id
+    tokenizer's dataset is refused next to a 1000-id one; both are uint16, so the dtype check
+    alone let it through."""
+    from megatron_latentcot.data.tokenizer import build_tokenizer
+
+    small = build_tokenizer("sentencepiece", GOLDEN / "sotu_bpe1k.model")
+    golden = IndexedReader(GOLDEN / "sotu_small_text_document").documents()
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, [d.tolist() for d in golden], small.vocab_size,
+          {"tokenizer_fingerprint": small.fingerprint, "vocab_size": small.vocab_size})
+    write(b, docs, sp_tokenizer.vocab_size)  # no metadata
+    out = ["--output-prefix", str(tmp_path / "m")]
+
+    def merge(*args: str) -> tuple[int, list[str]]:
+        rc = merge_main(["--input", *args, *out])
+        return rc, capsys.readouterr().err.splitlines()
+
+    rc, err = merge(str(a), str(b))
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: {b}.bin: token ids span [0, ") and \
+        "outside the vocabulary [0, 1000)" in err[0] and "other inputs' .meta.json" in err[0]
+    rc, err = merge(str(b), "--vocab-size", "1000")  # no metadata at all: the user's vocabulary
+    assert rc == 1 and len(err) == 1 and "--vocab-size gives 1000 ids" in err[0], err
+    rc, err = merge(str(a), "--vocab-size", "4096")
+    assert rc == 1 and err == [f"error: inputs disagree on the vocabulary size: {a}.meta.json "
+                               "says 1000, --vocab-size says 4096"]
+    assert not list(tmp_path.glob("m.*"))
+    rc, err = merge(str(b), "--vocab-size", "4096")  # the right vocabulary: merged
+    assert rc == 0 and err == []
+    rc, err = merge(str(b))  # nothing to check against: merged, with a warning naming it
+    assert rc == 0 and err == [f"warning: {b}: no .meta.json and no known vocabulary, so the "
+                               "tokenizer was not checked (pass --vocab-size)"]
+
+
+def test_streaming_writer_bytes_across_index_blocks(tmp_path, monkeypatch):
+    """The writer streams the index through temporary files in blocks (memory flat in the
+    corpus size): with tiny blocks, documents, empty documents and merged datasets still give
+    exactly the bytes of megatron-core's IndexedDatasetBuilder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_latentcot.data import indexed_writer
+
+    monkeypatch.setattr(indexed_writer, "_BLOCK", 3)
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 70000, size=n).tolist() for n in rng.integers(0, 9, size=40)]
+    ref = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.int32)
+    for d in docs + docs[:17]:
+        ref.add_document(np.array(d, dtype=np.int64), [len(d)] if d else [])
+    ref.finalize(str(tmp_path / "ref.idx"))
+    with IndexedWriter(tmp_path / "part", 70000) as w:  # int32 ids: 70000 > 65499
+        for d in docs[:17]:
+            w.add_document(d)
+        part = w.finalize()
+    assert (part.documents, part.tokens) == (17, sum(map(len, docs[:17])))
+    with IndexedWriter(tmp_path / "out", 70000) as w:
+        w.add_documents(np.concatenate([np.array(d, dtype=np.int64) for d in docs]),
+                        np.array([len(d) for d in docs]))
+        w.add_index(validate_indexed(part.prefix))
+        info = w.finalize()
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"out{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+    assert info == validate_indexed(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.bin", "out.idx", "part.bin", "part.idx", "ref.bin", "ref.idx"]  # no temporary files
+
+
+def test_writer_turns_a_failed_write_into_one_error(tmp_path):
+    """The file system refusing a write (here a file size limit, EFBIG, as a full disk gives
+    ENOSPC): one IndexedDatasetError naming the dataset, and no temporary files left."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    try:
+        with IndexedWriter(tmp_path / "x", 100) as w:
+            w.add_document([1, 2, 3])
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, hard))
+            with pytest.raises(IndexedDatasetError, match=r"x: cannot write the dataset \(File"):
+                w.add_documents(np.ones(1 << 20, dtype=np.uint16), np.array([1 << 20]))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert list(tmp_path.iterdir()) == []

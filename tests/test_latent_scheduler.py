@@ -8,6 +8,8 @@ Both run in float64.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -265,9 +267,10 @@ def _tp_forward(tp: int, sp: bool = False, force: str = "") -> dict:
     grad = model.router.weight.grad.clone()
     if sp:  # partial per rank under SP (the optimizer all-reduces it)
         torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+    stats = sched.stats(out, mb)  # what the training log shows
     destroy_distributed()
     return {"steps": out.steps, "loss": out.loss.item(), "router_grad": grad,
-            "counts": [r.live for r in out.records]}
+            "counts": [r.live for r in out.records], "stats": stats}
 
 
 @pytest.mark.parametrize("sp,force", [
@@ -286,6 +289,12 @@ def test_tensor_parallel_matches_single_and_agrees_on_active_sets(sp, force):
         assert rank["counts"] == one["counts"]
         assert abs(rank["loss"] - one["loss"]) < 1e-12
         torch.testing.assert_close(rank["router_grad"], one["router_grad"], rtol=1e-9, atol=1e-12)
+        # the logged metrics (gates of every shard, FLOPs without SP's padding slots)
+        assert rank["stats"].keys() == one["stats"].keys()
+        assert rank["stats"]["flops"] == one["stats"]["flops"]
+        torch.testing.assert_close(rank["stats"], one["stats"], rtol=1e-10, atol=1e-12)
+    if sp and force != "stop":  # some step's survivors do not split evenly: SP pads them
+        assert any(c % 2 for c in one["counts"]), one["counts"]
     if force == "stop":
         assert one["steps"].max() == 2
     else:
@@ -302,6 +311,27 @@ def test_baselines_equal_definition(ctx, method, docs):
     out, grads = ours_run(model, sched, mb)
     torch.testing.assert_close(out.loss, ref["loss"], **TOL)
     assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("multiplier,scale,prior", [
+    ("1.0", "sqrt_hidden", True),  # the paper-scale configs: E x 1 for tokens, E x sqrt(d) fed back
+    ("null", "sqrt_hidden", True),
+    (repr(math.sqrt(32)), "embedding_multiplier", True),  # the token scale, here equal to sqrt(d)
+    ("null", "embedding_multiplier", False),  # E x sqrt(2.5 d): not the prior's formula
+])
+def test_pondering_soft_embedding_scale(ctx, multiplier, scale, prior):
+    """METHOD.md [prior]: pass j+1 adds softmax(LMHead(h_j)) @ (E sqrt(d)) whatever the token
+    embeddings' multiplier, as the reference computes it; latent.pondering_embedding_scale=
+    embedding_multiplier scales E by model.embedding_multiplier instead."""
+    cfg, model, sched = build(ctx, ["latent.method=pondering", "latent.max_steps=3",
+                                    "model.max_position_embeddings=64",
+                                    f"model.embedding_multiplier={multiplier}",
+                                    f"latent.pondering_embedding_scale={scale}"])
+    mb = batch(rows=2, seq=6)
+    ref, _ = reference_run(cfg, model, mb)
+    with torch.no_grad():
+        loss = sched.forward(mb).loss
+    assert torch.isclose(loss, ref["loss"].detach(), **TOL).item() == prior, (loss, ref["loss"])
 
 
 @pytest.mark.parametrize("method", ["looped", "pondering", "pause", "latent_fixed"])

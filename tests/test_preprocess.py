@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_latentcot.data import preprocess as engine
 from megatron_latentcot.data.indexed import IndexedReader, read_meta, validate_indexed
-from megatron_latentcot.data.tokenizer import build_tokenizer
+from megatron_latentcot.data.tokenizer import Tokenizer, build_tokenizer
 from tools import preprocess_data
 from tools.preprocess_data import main
 
@@ -47,17 +48,39 @@ def real_jsonl(tmp_path_factory: pytest.TempPathFactory, corpus_paths) -> Path:
 # --------------------------------------------------------------------------- compatibility
 
 
-def test_golden_byte_identical_to_megatron_lm(tmp_path, capsys):
-    """Same JSONL + tokenizer as tests/golden -> the same .bin/.idx bytes Megatron-LM wrote."""
-    rc, out, _ = run_tool(
-        capsys, "--input", GOLDEN / "sotu_small.jsonl", "--json-keys", "text",
-        "--output-prefix", tmp_path / "sotu_small", "--tokenizer-type", "SentencePieceTokenizer",
-        "--tokenizer-model", GOLDEN / "sotu_bpe1k.model", "--append-eod", "--workers", "2")
-    assert rc == 0
-    ours_bin, ours_idx = outputs(tmp_path / "sotu_small")
-    assert ours_bin == (GOLDEN / "sotu_small_text_document.bin").read_bytes()
-    assert ours_idx == (GOLDEN / "sotu_small_text_document.idx").read_bytes()
-    assert "21 documents (1 empty)" in out
+SP_1K = ("--tokenizer-model", GOLDEN / "sotu_bpe1k.model")
+GOLDENS = [  # (input, tokenizer flags, extra flags, Megatron-LM's output in tests/golden)
+    ("sotu_small", ("SentencePieceTokenizer", *SP_1K), (), "sotu_small"),
+    ("sotu_small", ("Llama2Tokenizer", *SP_1K), (), "sotu_small"),
+    ("sotu_small", ("GPT2BPETokenizer",), (), "sotu_small_gpt2"),
+    ("unicode_stress", ("SentencePieceTokenizer", *SP_1K), (), "unicode_stress"),
+    ("unicode_stress", ("GPT2BPETokenizer",), (), "unicode_stress_gpt2"),
+    ("sotu_small", ("SentencePieceTokenizer", *SP_1K), ("--partitions", "3"),
+     "sotu_small_partitions3"),
+]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("name, tokenizer, extra, golden", GOLDENS,
+                         ids=[g[-1] + "-" + g[1][0] for g in GOLDENS])
+def test_golden_byte_identical_to_megatron_lm(tmp_path, capsys, monkeypatch, gpt2_tokenizer_path,
+                                              name, tokenizer, extra, golden, workers):
+    """Same JSONL + tokenizer (+ --partitions) as tests/golden -> the .bin/.idx bytes
+    Megatron-LM wrote, for both tokenizer kinds, with 1 or 2 threads over 4-line chunks."""
+    monkeypatch.setattr(engine, "CHUNK_LINES", 4)  # many chunks in flight, finishing out of order
+    gpt2 = gpt2_tokenizer_path.parent
+    files = ("--vocab-file", gpt2 / "encoder.json", "--merge-file", gpt2 / "vocab.bpe")
+    rc, out, err = run_tool(
+        capsys, "--input", GOLDEN / f"{name}.jsonl", "--json-keys", "text", "--output-prefix",
+        tmp_path / name, "--tokenizer-type", tokenizer[0], *(tokenizer[1:] or files),
+        "--append-eod", "--workers", workers, *extra)
+    assert rc == 0, err
+    assert outputs(tmp_path / name) == ((GOLDEN / f"{golden}_text_document.bin").read_bytes(),
+                                        (GOLDEN / f"{golden}_text_document.idx").read_bytes())
+    assert leftovers(tmp_path) == [f"{name}_text_document{e}" for e in (".bin", ".idx",
+                                                                       ".meta.json")]
+    if name == "sotu_small":
+        assert "21 documents (1 empty)" in out
 
 
 def test_golden_megatron_reader_matches_direct_encoding(tmp_path, capsys):
@@ -202,7 +225,7 @@ def test_skip_bad_lines_counts_them(tmp_path, capsys, sp_tokenizer):
 
 
 def test_bad_line_numbers_are_exact_across_chunks(tmp_path, capsys, sp_tokenizer, monkeypatch):
-    monkeypatch.setattr(preprocess_data, "CHUNK_LINES", 7)
+    monkeypatch.setattr(engine, "CHUNK_LINES", 7)
     lines = [GOOD] * 40
     lines[22] = "{broken"
     src = _write_lines(tmp_path / "in.jsonl", lines)
@@ -257,9 +280,18 @@ def test_missing_or_invalid_tokenizer(tmp_path, capsys):
 
 def test_unknown_tokenizer_type_and_unsupported_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["--input", "x", "--output-prefix", "o", "--tokenizer-type", "GPT2BPETokenizer",
+        main(["--input", "x", "--output-prefix", "o", "--tokenizer-type", "BertWordPieceCase",
               "--tokenizer-model", "m"])
-    assert e.value.code == 2 and "GPT2BPETokenizer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown tokenizer_type 'BertWordPieceCase'" in err
+    assert "GPT2BPETokenizer" in err and "Llama2Tokenizer" in err  # the accepted names
+    with pytest.raises(SystemExit):
+        main(["--input", "x", "--output-prefix", "o", "--tokenizer-type", "sentencepiece"])
+    assert "--tokenizer-model is required" in capsys.readouterr().err
+    src = _write_lines(tmp_path / "in.jsonl", [GOOD])
+    rc, _, err = run_tool(capsys, "--input", src, "--output-prefix", tmp_path / "o",
+                          "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", src)
+    assert rc == 1 and "needs a vocab file and a merge file" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["--input", "x", "--output-prefix", "o", "--tokenizer-type", "sentencepiece",
               "--tokenizer-model", "m", "--split-sentences"])
@@ -284,7 +316,7 @@ def test_unwritable_output_location(tmp_path, capsys, sp_tokenizer):
         assert rc == 1 and "not writable" in err
 
 
-class _UnderReportingTokenizer:
+class _UnderReportingTokenizer(Tokenizer):
     """Real sentencepiece ids, but a vocab_size that claims fewer ids than it emits."""
 
     tokenizer_type = "sentencepiece"
@@ -299,7 +331,7 @@ class _UnderReportingTokenizer:
 
 def test_token_id_beyond_vocab_is_an_error(tmp_path, capsys, sp_tokenizer, monkeypatch):
     monkeypatch.setattr(preprocess_data, "build_tokenizer",
-                        lambda kind, path: _UnderReportingTokenizer(sp_tokenizer))
+                        lambda *args, **kwargs: _UnderReportingTokenizer(sp_tokenizer))
     src = _write_lines(tmp_path / "in.jsonl", [json.dumps({"text": ""}), GOOD])
     rc, _, err = run_tool(capsys, "--input", src, "--output-prefix", tmp_path / "out/o",
                           "--tokenizer-type", "sentencepiece", "--tokenizer-model",
@@ -347,3 +379,180 @@ def test_script_entry_point(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert validate_indexed(tmp_path / "o_text_document").documents == 1
+
+
+# --------------------------------------------------------------------------- streaming engine
+
+
+def _generated_corpus(path: Path, real_texts: list[str]) -> list[str]:
+    """Real addresses, random unicode (astral planes too), empty documents and one very long
+    document (larger than a chunk), one JSON line each."""
+    import random
+
+    rng = random.Random(0)
+    alphabets = ["abc xyz ,.!?", "àéîõüßçñ", "αβγδ ΑΒΓ", "日本語中文한국어", "😀👍🏽🇺🇸‍",
+                 "𝔘𝔫𝔦𝔠𝔬𝔡𝔢𐌰𐌱", "\t\n \u00a0\u200b"]
+    texts: list[str] = []
+    for i in range(60):
+        if i % 7 == 3:
+            texts.append("")
+        elif i % 5 == 0:
+            texts.append(real_texts[i % len(real_texts)])
+        else:
+            chars = "".join(rng.choice(alphabets))
+            texts.append("".join(rng.choice(chars) for _ in range(rng.randint(1, 400))))
+    texts.insert(30, " ".join(real_texts) * 2)  # ~1 MB: one document, several chunks' worth
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=bool(i % 2)) + "\n"
+                            for i, t in enumerate(texts)), encoding="utf-8")
+    return texts
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "gpt2"])
+def test_generated_corpus_reads_back_and_workers_agree(tmp_path, capsys, monkeypatch, kind,
+                                                       corpus_paths, sp_tokenizer,
+                                                       gpt2_tokenizer_path):
+    """megatron-core's reader returns tokenizer.encode(text) + [eod] for every document (empty
+    ones recorded without a sequence), identically for 1, 2 and 3 threads."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 16 << 10)
+    texts = _generated_corpus(tmp_path / "in.jsonl", [
+        json.loads(line)["text"] for line in open(corpus_paths.valid, encoding="utf-8")])
+    if kind == "gpt2":
+        tok = build_tokenizer("GPT2BPETokenizer", gpt2_tokenizer_path.parent)
+        flags = ["--tokenizer-type", "GPT2BPETokenizer", "--tokenizer-model", tok.path.rsplit(
+            "/", 1)[0]]
+    else:
+        tok = sp_tokenizer
+        flags = ["--tokenizer-type", "sentencepiece", "--tokenizer-model", tok.path]
+    for workers in (1, 2, 3):
+        rc, _, err = run_tool(capsys, "--input", tmp_path / "in.jsonl", "--output-prefix",
+                              tmp_path / f"w{workers}", "--append-eod", "--workers", workers,
+                              *flags)
+        assert rc == 0, err
+    assert outputs(tmp_path / "w1") == outputs(tmp_path / "w2") == outputs(tmp_path / "w3")
+    ds = IndexedDataset(str(tmp_path / "w1_text_document"))
+    bounds = ds.document_indices
+    assert len(bounds) == len(texts) + 1
+    for d, text in enumerate(texts):
+        got = [ds[i].tolist() for i in range(bounds[d], bounds[d + 1])]
+        ids = tok.encode(text)
+        assert got == ([ids + [tok.eod]] if ids else []), f"document {d}"
+    assert sum(1 for t in texts if not t) >= 8 and max(map(len, texts)) > 20 * engine.CHUNK_BYTES
+
+
+def test_tool_imports_neither_torch_nor_megatron_core(tmp_path):
+    """Preprocessing and merging run on the tokenizer, numpy and our own writer: importing and
+    running both tools (in a fresh interpreter) loads no torch and no megatron-core."""
+    import subprocess
+    import sys
+
+    src = _write_lines(tmp_path / "in.jsonl", [GOOD, GOOD])
+    code = f"""
+import sys
+from tools.preprocess_data import main
+from tools.merge_datasets import main as merge
+import megatron_latentcot.data.indexed, megatron_latentcot.config
+args = ["--input", {str(src)!r}, "--tokenizer-type", "sentencepiece", "--tokenizer-model",
+        {str(GOLDEN / "sotu_bpe1k.model")!r}, "--append-eod", "--workers", "2"]
+assert main(args + ["--output-prefix", {str(tmp_path / "a")!r}]) == 0
+assert main(args + ["--output-prefix", {str(tmp_path / "b")!r}, "--partitions", "2"]) == 0
+assert merge(["--input", {str(tmp_path / "a_text_document")!r},
+              {str(tmp_path / "b_text_document")!r}, "--output-prefix",
+              {str(tmp_path / "m")!r}]) == 0
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "megatron", "triton")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert validate_indexed(tmp_path / "m").documents == 4
+
+
+def test_partitions_follow_megatron_order(tmp_path, capsys, sp_tokenizer):
+    """--partitions P: line i in partition i % P, partitions concatenated (Megatron-LM's order,
+    pinned by the partitions golden), for every key, skipped lines keeping their slot;
+    --keep-sequential-samples keeps the input order. No partition files are left behind."""
+    rows = [{"text": f"Document number {i} of the test.", "title": f"Title {i}"}
+            for i in range(11)]
+    lines = [json.dumps(r) for r in rows]
+    lines[4] = "{broken"
+    src = _write_lines(tmp_path / "in.jsonl", lines)
+    common = ["--input", src, "--json-keys", "text", "title", "--tokenizer-type",
+              "sentencepiece", "--tokenizer-model", sp_tokenizer.path, "--append-eod",
+              "--skip-bad-lines", "--workers", "2"]
+    assert run_tool(capsys, *common, "--output-prefix", tmp_path / "p", "--partitions", "3")[0] == 0
+    assert run_tool(capsys, *common, "--output-prefix", tmp_path / "s", "--partitions", "3",
+                    "--keep-sequential-samples")[0] == 0
+    assert run_tool(capsys, *common, "--output-prefix", tmp_path / "one")[0] == 0
+    order = [i for p in range(3) for i in range(11) if i % 3 == p and i != 4]
+    for key in ("text", "title"):
+        docs = [d.tolist() for d in IndexedReader(tmp_path / f"p_{key}_document").documents()]
+        assert docs == [sp_tokenizer.encode(rows[i][key]) + [sp_tokenizer.eod] for i in order]
+        assert outputs(tmp_path / "s", key) == outputs(tmp_path / "one", key)
+    assert read_meta(tmp_path / "p_text_document")["partitions"] == 3
+    assert not [n for n in leftovers(tmp_path) if n.startswith(".")]
+
+
+class _FakeTTY:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_line_only_on_a_terminal_or_a_large_input(monkeypatch):
+    """A live line (bytes read, tokens/s, ETA) on a terminal; without one, lines only for
+    inputs over PROGRESS_MIN_BYTES (so CI logs of small runs stay clean)."""
+    stats = engine.Stats(start=engine.time.perf_counter() - 10.0)
+    stats.raw_bytes_read, stats.docs, stats.tokens = 25 << 20, 1000, 5_000_000
+    tty = _FakeTTY(True)
+    progress = engine.Progress(100 << 20, None, tty)
+    progress.next_time = 0.0
+    progress.update(stats)
+    progress.close()
+    assert tty.text.startswith("[ 25.0%] 25.0/100.0 MB read, 1,000 docs, 5,000,000 tokens")
+    assert "tokens/s" in tty.text and "ETA 0:00:3" in tty.text and tty.text.endswith("\r\n")
+    for total, expect_line in ((100 << 20, False), (engine.PROGRESS_MIN_BYTES, True)):
+        log = _FakeTTY(False)
+        progress = engine.Progress(total, None, log)
+        progress.next_time = 0.0
+        progress.update(stats)
+        progress.close()
+        assert bool(log.text) == expect_line and "\r" not in log.text
+    log = _FakeTTY(False)  # --log-interval N: a line every N documents, whatever the size
+    progress = engine.Progress(100 << 20, 400, log)
+    for docs in (300, 500, 700, 900):
+        stats.docs = docs
+        progress.update(stats)
+    assert log.text.count("\n") == 2  # at 500 (past 400) and 900 (past 800)
+
+
+def test_peak_memory_flat_when_the_corpus_grows(tmp_path):
+    """Streaming: preprocessing 4x the documents takes no more peak memory (holding the extra
+    documents' token lists would add ~50 MB here)."""
+    import subprocess
+    import sys
+
+    line = json.dumps({"text": (GOLDEN / "sotu_small.jsonl").read_text()[:1400]}) + "\n"
+    peaks = []
+    for n in (1200, 4800):  # 1.7 MB already fills the pipeline (2 * workers + 2 chunks)
+        (tmp_path / f"in{n}.jsonl").write_text(line * n)
+        code = ("import resource, sys\nfrom tools.preprocess_data import main\n"
+                f"rc = main(['--input', {str(tmp_path / f'in{n}.jsonl')!r}, '--output-prefix', "
+                f"{str(tmp_path / f'o{n}')!r}, '--tokenizer-type', 'sentencepiece', "
+                f"'--tokenizer-model', {str(GOLDEN / 'sotu_bpe1k.model')!r}, '--workers', '2'])\n"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        peaks.append(int(proc.stdout.split()[-1]) / 1024)  # MB
+    assert validate_indexed(tmp_path / "o4800_text_document").documents == 4800
+    assert peaks[1] < peaks[0] + 20, peaks  # glibc's per-thread arenas vary by a few MB

@@ -373,7 +373,7 @@ def test_baselines_match_dense(with_doc: bool) -> None:
     e = p["embed_tokens.weight"][tok] * cfg.embedding_multiplier
     # looped: R raw repeats, norm once
     looped = fnorm(p, cfg, dense_vanilla(p, cfg, tok, doc, passes=cfg.max_steps)) @ w.T
-    # pondering: e + softmax(norm(h) W^T) (E * mult)
+    # pondering: e + softmax(norm(h) W^T) (E * sqrt(d)), the [prior] formula
     h = dense_vanilla(p, cfg, tok, doc)
     for _ in range(cfg.max_steps - 1):
         soft = torch.softmax(fnorm(p, cfg, h) @ w.T, -1)
@@ -382,7 +382,7 @@ def test_baselines_match_dense(with_doc: bool) -> None:
             cfg,
             tok,
             doc,
-            inputs=e + soft @ (p["embed_tokens.weight"] * cfg.embedding_multiplier),
+            inputs=e + soft @ (p["embed_tokens.weight"] * math.sqrt(cfg.hidden_size)),
         )
     ponder = fnorm(p, cfg, h) @ w.T
     # pause: [e_t, p_1, .., p_{K-1}] per token, read at the last pause slot

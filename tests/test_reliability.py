@@ -144,6 +144,12 @@ def _scenarios(data: dict[str, str], tmp: str, full_disk: str | None) -> dict[st
         res = t.train()
         return {"losses": res["losses"], "log": (root / "spike" / "metrics.jsonl").read_text()}
 
+    def quiet(fn):  # (stdout, fn())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            value = fn()
+        return out.getvalue(), value
+
     @scenario("output_dir")
     def _():
         a = root / "run_a"
@@ -155,7 +161,9 @@ def _scenarios(data: dict[str, str], tmp: str, full_disk: str | None) -> dict[st
             got["refused"] = str(e)
         t = trainer(f"train.save={a}", f"train.load={a}", "train.lr=1e-3")  # on purpose
         got["resumed_at"] = t.state.iteration
-        trainer(f"train.save={a}", "train.train_iters=2")  # same config: a warning
+        # the same command again: resumes; the run is complete, so it only says so
+        got["rerun"], got["rerun_result"] = quiet(
+            lambda: trainer(f"train.save={a}", "train.train_iters=2").train())
         try:
             trainer(f"train.save={root / 'b'}", f"train.load={a}", "model.hidden_size=32",
                     "model.ffn_hidden_size=96")
@@ -175,6 +183,61 @@ def _scenarios(data: dict[str, str], tmp: str, full_disk: str | None) -> dict[st
         except ckpt.CheckpointError as e:
             got["unwritable"] = str(e)
         return got
+
+    @scenario("rerun")
+    def _():
+        """An unfinished run (``latest`` at iteration 2 of 4, as a kill leaves it) rerun by the
+        same command goes on from it; train.overwrite=true starts from scratch."""
+        b, cmd = root / "run_b", ("train.train_iters=4", "train.save_interval=2")
+        straight = trainer(f"train.save={b}", *cmd).train()["losses"]
+        (b / "latest").write_text("iter_0000002\n")
+        log, t = quiet(lambda: trainer(f"train.save={b}", *cmd))
+        got: dict[str, Any] = {"log": log, "resumed_at": t.state.iteration, "straight": straight,
+                               "losses": t.train()["losses"]}
+        got["metrics"] = (b / "metrics.jsonl").read_text()
+        # a requeue of a command that initialises from another run: train.save's progress wins
+        init = f"train.load={root / 'pretrained'}"  # (never read)
+        got["init_log"], t = quiet(lambda: trainer(f"train.save={b}", init, *cmd))
+        got["init_at"] = t.state.iteration
+        t = trainer(f"train.save={b}", *cmd, "train.lr=1e-3", "train.overwrite=true")
+        got.update(overwritten_at=t.state.iteration, left=ckpt.list_checkpoints(b),
+                   metrics_after_overwrite=(b / "metrics.jsonl").read_text())
+        return got
+
+    @scenario("lock")
+    def _():
+        """A run whose train.save is locked by a live process is refused; a lock whose
+        process has ended (SIGKILL) is taken over, and released when training ends."""
+        import socket
+
+        c, got = root / "run_c", {}
+        c.mkdir()
+        lock = c / "run.lock"
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
+                                    "started": "2025-01-01T00:00:00"}))  # the live test process
+        try:
+            trainer(f"train.save={c}", "train.train_iters=1")
+        except LaunchError as e:
+            got["refused"] = str(e)
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                    "started": "2025-01-01T00:00:00"}))
+        t = trainer(f"train.save={c}", "train.train_iters=1")
+        got.update(dead=dead.pid, holder=json.loads(lock.read_text())["pid"], me=os.getpid())
+        t.train()
+        got["released"] = not lock.exists()
+        return got
+
+    @scenario("final_save_fails")
+    def _():
+        os.environ["MLC_FAULT"] = "save:before_rename=oserror"  # every save fails
+        try:
+            res = trainer(f"train.save={root / 'unsaved'}", "train.train_iters=2",
+                          "train.continue_on_save_error=true").train()
+        finally:
+            del os.environ["MLC_FAULT"]
+        return {"exit_code": res["exit_code"], "iteration": res["iteration"]}
 
     if full_disk:
         @scenario("full_disk_stop")
@@ -197,7 +260,8 @@ def _scenarios(data: dict[str, str], tmp: str, full_disk: str | None) -> dict[st
             save = Path(full_disk) / "go_on"
             res = trainer(f"train.save={save}", "train.save_interval=2",
                           "train.continue_on_save_error=true").train()
-            return {"iterations": res["iteration"], "latest": ckpt.latest_checkpoint(save).name}
+            return {"iterations": res["iteration"], "latest": ckpt.latest_checkpoint(save).name,
+                    "exit_code": res["exit_code"]}
 
     destroy_distributed()
     return out
@@ -331,11 +395,45 @@ def test_output_dir_of_another_run_and_bad_checkpoints_are_refused(scenarios):
     assert "holds checkpoints of another run (iter_0000002" in got["refused"]
     assert "train.lr: 0.003 -> 0.001" in got["refused"] and "Set train.load=" in got["refused"]
     assert got["resumed_at"] == 2
-    assert "holds checkpoints of a run with the same config" in got["stderr"]
+    assert "holds checkpoints of this run (same config, newest iter_0000002): resuming" \
+        in got["rerun"], got["rerun"]
+    assert "already complete: iter_0000002 is iteration 2 of train.train_iters=2" in got["rerun"]
+    res = got["rerun_result"]  # nothing trained, evaluated or saved again
+    assert res["exit_code"] == 0 and res["losses"] == [] and "valid_loss" not in res, res
     assert "saved with a different model (model.ffn_hidden_size: 160 -> 96; " \
            "model.hidden_size: 64 -> 32)" in got["other_model"]
     assert "rank_00000.pt: checksum mismatch" in got["corrupt"]
     assert "is not writable" in got["unwritable"]
+
+
+def test_rerun_of_the_same_command_resumes_and_overwrite_starts_afresh(scenarios):
+    got = _get(scenarios, "rerun")
+    assert got["resumed_at"] == 2 and "resuming from them" in got["log"], got["log"]
+    assert got["losses"] == got["straight"][2:]  # went on exactly where the checkpoint stood
+    train = [r["iteration"] for r in _records(got["metrics"], "train")]
+    assert train == [1, 2, 3, 4], train  # iterations 3 and 4 of the first attempt: dropped
+    assert got["init_at"] == 4 and "resuming from them, not from train.load=" in got["init_log"]
+    assert got["overwritten_at"] == 0 and got["left"] == [] and got["metrics_after_overwrite"] == ""
+    assert "train.overwrite=true: deleted the 2 checkpoint(s) in train.save=" in got["stderr"]
+
+
+def test_a_directory_in_use_is_refused_and_a_stale_lock_taken_over(scenarios):
+    got = _get(scenarios, "lock")
+    assert "run_c: in use by another run (host " in got["refused"], got["refused"]
+    assert f"pid {os.getpid()}, started 2025-01-01T00:00:00; lock file " in got["refused"]
+    assert len(got["refused"].splitlines()) == 1
+    assert "took over the stale lock" in got["stderr"] and \
+        f"its process {got['dead']} has ended" in got["stderr"], got["stderr"]
+    assert got["holder"] == got["me"] and got["released"]
+
+
+def test_a_failed_final_save_does_not_exit_0(scenarios):
+    from megatron_latentcot.training.faults import EXIT_FAILURE
+
+    got = _get(scenarios, "final_save_fails")
+    assert got["iteration"] == 2 and got["exit_code"] == EXIT_FAILURE, got
+    assert "ERROR: training reached iteration 2 but its final checkpoint was not saved " \
+           "(train.continue_on_save_error=true); last good checkpoint: none" in got["stderr"]
 
 
 def test_full_disk_stops_training_with_previous_checkpoint_intact(scenarios):
@@ -347,8 +445,11 @@ def test_full_disk_stops_training_with_previous_checkpoint_intact(scenarios):
 
 
 def test_full_disk_can_continue_unsaved_with_a_warning_per_interval(scenarios):
+    from megatron_latentcot.training.faults import EXIT_FAILURE
+
     got = _get(scenarios, "full_disk_continue")
     assert got["iterations"] == ITERS and got["latest"] == "iter_0000002"
+    assert got["exit_code"] == EXIT_FAILURE  # its final checkpoint was not saved
     warnings = [line for line in got["stderr"].splitlines() if "training continues UNSAVED" in line]
     assert len(warnings) == 2  # iterations 4 and 6
     assert "checkpoint at iteration 4 failed" in warnings[0]
@@ -358,7 +459,8 @@ def test_full_disk_can_continue_unsaved_with_a_warning_per_interval(scenarios):
 @pytest.fixture
 def clean_env(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
-                "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT"):
+                "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_NODELIST",
+                "SLURM_NODELIST", "SLURM_JOB_ID", "SLURM_JOBID"):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -471,10 +573,9 @@ def test_hang_watchdog_ends_a_rank_stuck_without_an_error(tmp_path):
 
 
 # -- preemption ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_preemption_signal_to_one_rank_saves_and_exits_for_requeue(sotu_data, tmp_path, sig):  # noqa: F811
-    if sig == signal.SIGUSR1 and os.environ.get("MLC_RUN_SLOW") != "1":
-        pytest.skip("slow: set MLC_RUN_SLOW=1 to run (SIGTERM covers the same path)")
     from benchmarks.chaos import Job
     from megatron_latentcot.training import checkpoint as ckpt
     from megatron_latentcot.training.faults import EXIT_REQUEUE

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,10 +32,12 @@ def test_bash_syntax(script):
     subprocess.run(["bash", "-n", str(REPO / script)], check=True)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck_clean(script):
-    out = subprocess.run(["shellcheck", "-x", str(REPO / script)], capture_output=True, text=True)
+    from tests.conftest import require
+
+    out = subprocess.run([require("shellcheck", tool=True), "-x", str(REPO / script)],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -95,6 +96,27 @@ def test_multinode_template_dry_run():
     assert argv[argv.index("--config") + 1] == "examples/configs/1.4b_pondering.yaml"
     assert "--nodes=2" in argv
     assert "TP 1 x PP 1 x DP 16 = 16 GPUs" in text and "OK: fits" in text
+
+
+@pytest.mark.parametrize("var,value,field", [("PP", "2", "pipeline_model_parallel_size"),
+                                             ("SP", "true", "sequence_parallel")])
+def test_layout_comments_and_planner_follow_the_config_table(var, value, field):
+    """The script's PP / SP comments name exactly the methods config.py's table refuses, and
+    its planner refuses exactly those (the 7B configs: K_max 4, TP 4)."""
+    import dataclasses
+
+    from megatron_latentcot.config import METHODS, Config, layout_refusal
+
+    base = Config()
+    refused = {m for m in METHODS if layout_refusal(dataclasses.replace(
+        base, latent=dataclasses.replace(base.latent, method=m, max_steps=4),
+        parallel=dataclasses.replace(base.parallel, **{field: int(value) if var == "PP" else True})))}
+    line = next(x for x in (REPO / "slurm/pretrain_7b.sh").read_text().splitlines()
+                if x.startswith(f"{var}=${{{var}-}}"))
+    assert set(line.split("not for:")[1].split()) == refused, line
+    for method in METHODS:
+        _, text = _dry_run("slurm/pretrain_7b.sh", {"METHOD": method, var: value})
+        assert ("(planner exit code 2)" in text) == (method in refused), (method, text[-500:])
 
 
 # -- fake Slurm -------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ from hypothesis import strategies as st
 
 from megatron_latentcot.data.corpus import read_jsonl_texts
 from megatron_latentcot.data.tokenizer import (
+    TOKENIZER_TYPES,
+    GPT2BPETokenizer,
+    HuggingFaceTokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
     TokenizerError,
     TokenizerFileNotFoundError,
@@ -86,11 +90,89 @@ def test_pickle_rebuilds_without_the_file(sp_tokenizer_path: Path, tmp_path: Pat
     )
 
 
-def test_megatron_type_names_accepted(sp_tokenizer_path: Path, hf_tokenizer_path: Path) -> None:
-    assert build_tokenizer("SentencePieceTokenizer", sp_tokenizer_path).vocab_size == 4096
-    assert build_tokenizer("HuggingFaceTokenizer", hf_tokenizer_path).tokenizer_type == (
-        "huggingface"
-    )
+def test_one_name_table_for_preprocessing_and_training(sp_tokenizer_path: Path,
+                                                       hf_tokenizer_path: Path,
+                                                       gpt2_tokenizer_path: Path) -> None:
+    """Every name of TOKENIZER_TYPES (Megatron-LM's and ours) builds its backend, and the
+    training config accepts exactly those names (case, '-' and '_' aside)."""
+    from megatron_latentcot.config import ConfigError, load_config
+
+    model = {"sentencepiece": sp_tokenizer_path, "huggingface": hf_tokenizer_path,
+             "gpt2bpe": gpt2_tokenizer_path.parent}
+    cls = {"sentencepiece": SentencePieceTokenizer, "huggingface": HuggingFaceTokenizer,
+           "gpt2bpe": GPT2BPETokenizer}
+    assert {"SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+            "HuggingFaceTokenizer", "GPT2BPETokenizer", "sentencepiece", "huggingface"} <= set(
+        TOKENIZER_TYPES)
+    for name, backend in TOKENIZER_TYPES.items():
+        for spelling in (name, name.upper(), name.replace("Tokenizer", "_tokenizer")):
+            tok = build_tokenizer(spelling, model[backend])
+            assert type(tok) is cls[backend] and tok.tokenizer_type == backend
+        assert load_config(None, [f"data.tokenizer_type={name}"]).data.tokenizer_type == name
+    with pytest.raises(ConfigError, match=r"data.tokenizer_type: unknown tokenizer_type "
+                                          r"'BertWordPieceCase': expected one of .*Llama2Tok"):
+        load_config(None, ["data.tokenizer_type=BertWordPieceCase"])
+
+
+def test_gpt2_bpe_from_vocab_and_merges(gpt2_tokenizer_path: Path, tmp_path: Path,
+                                        corpus_paths) -> None:
+    """GPT2BPETokenizer (Megatron-LM's --vocab-file/--merge-file pair) = GPT-2's tokenizer.json
+    ids, from explicit files or a directory; its fingerprint covers both files."""
+    d = gpt2_tokenizer_path.parent
+    ref = build_tokenizer("huggingface", gpt2_tokenizer_path)
+    files = build_tokenizer("GPT2BPETokenizer", vocab_file=d / "encoder.json",
+                            merge_file=d / "vocab.bpe")
+    by_dir = build_tokenizer("GPT2BPETokenizer", d)
+    texts = read_jsonl_texts(corpus_paths.heldout)[:3] + ["Hello world", "café 😀 <|endoftext|>"]
+    assert files.encode_batch(texts) == by_dir.encode_batch(texts) == ref.encode_batch(texts)
+    assert files.encode("Hello world") == [15496, 995]
+    assert (files.vocab_size, files.eod, files.tokenizer_type) == (50257, 50256, "gpt2bpe")
+    assert files.fingerprint == by_dir.fingerprint != ref.fingerprint
+    assert files.decode(files.encode(texts[-1])) == texts[-1]
+    clone = pickle.loads(pickle.dumps(files))
+    assert (clone.fingerprint, clone.encode(texts[0])) == (files.fingerprint, files.encode(texts[0]))
+    # Megatron-LM's download names, HF's names: found in a directory too
+    for vocab, merges in (("gpt2-vocab.json", "gpt2-merges.txt"), ("vocab.json", "merges.txt")):
+        other = tmp_path / vocab
+        other.mkdir()
+        shutil.copy(d / "encoder.json", other / vocab)
+        shutil.copy(d / "vocab.bpe", other / merges)
+        assert build_tokenizer("GPT2BPETokenizer", other).fingerprint == files.fingerprint
+    # a changed merges file is another tokenizer
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    shutil.copy(d / "encoder.json", changed / "encoder.json")
+    lines = (d / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    (changed / "vocab.bpe").write_text("\n".join(lines[:-1000]) + "\n", encoding="utf-8")
+    assert build_tokenizer("GPT2BPETokenizer", changed).fingerprint != files.fingerprint
+
+
+def test_gpt2_bpe_errors(gpt2_tokenizer_path: Path, tmp_path: Path, sp_tokenizer_path) -> None:
+    d = gpt2_tokenizer_path.parent
+    with pytest.raises(TokenizerError, match="needs a vocab file and a merge file"):
+        build_tokenizer("GPT2BPETokenizer", d / "encoder.json")
+    with pytest.raises(TokenizerError, match=f"{tmp_path} holds none"):
+        build_tokenizer("GPT2BPETokenizer", tmp_path)
+    bad = tmp_path / "bad.bpe"
+    bad.write_text("#version: 0.2\nĠ t\nthree parts here\n")
+    with pytest.raises(TokenizerError, match=r"bad\.bpe:3: expected a merge 'a b'"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=d / "encoder.json", merge_file=bad)
+    with pytest.raises(TokenizerError, match="not a GPT-2 vocab file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=d / "vocab.bpe", merge_file=bad)
+    with pytest.raises(TokenizerFileNotFoundError, match="not found"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=tmp_path / "x.json", merge_file=bad)
+    with pytest.raises(TokenizerError, match="vocab/merge files are for GPT2BPETokenizer"):
+        build_tokenizer("sentencepiece", sp_tokenizer_path, merge_file=bad)
+
+
+def test_encode_batch_equals_encode_with_threads(sp_tokenizer: Tokenizer, hf_tokenizer: Tokenizer,
+                                                 corpus_paths) -> None:
+    """The batch path preprocessing uses gives encode()'s ids, threads or not."""
+    texts = read_jsonl_texts(corpus_paths.valid)[:4] + ["", " ", "x"]
+    for tok in (sp_tokenizer, hf_tokenizer):
+        one = [tok.encode(t) for t in texts]
+        assert tok.encode_batch(texts) == tok.encode_batch(texts, num_threads=1) == one
+        assert tok.encode_batch(texts, num_threads=2) == one
 
 
 # ---------------------------------------------------------------------------- huggingface
@@ -173,8 +255,8 @@ def test_corrupt_huggingface(tmp_path: Path, sp_tokenizer_path: Path) -> None:
 
 
 def test_unknown_type_and_bad_ids(sp_tokenizer: Tokenizer, sp_tokenizer_path: Path) -> None:
-    with pytest.raises(TokenizerError, match=r"unknown tokenizer_type 'gpt2bpe'.*sentencepiece"):
-        build_tokenizer("gpt2bpe", sp_tokenizer_path)
+    with pytest.raises(TokenizerError, match=r"unknown tokenizer_type 'wordpiece'.*sentencepiece"):
+        build_tokenizer("wordpiece", sp_tokenizer_path)
     with pytest.raises(TokenizerError, match=r"ids must be in \[0, 4096\)"):
         sp_tokenizer.decode([5, 4096])
     with pytest.raises(TokenizerError, match="directory"):

@@ -2,7 +2,7 @@
 
 Run mode (the paper's Figure 5 shape)::
 
-    python tools/compare_flops.py --runs runs/tiny runs/tiny_adaptive [--out-dir benchmarks/results]
+    python tools/compare_flops.py --runs runs/tiny runs/tiny_adaptive [--out-dir runs/compare_flops]
 
 reads each run's ``metrics.jsonl`` and checkpoint manifest (``iter_*/manifest.json``: the resolved
 config), prints a table (method, parameters, tokens, training FLOPs, final validation / held-out
@@ -17,6 +17,9 @@ Analytic mode (no runs)::
 gives, per method, training FLOPs per token from ``megatron_latentcot.flops`` (exact causal and
 2-D latent attention pair counts for one full sequence), the paper's 6·N·passes convention next
 to it, and inference FLOPs per generated token, written to ``flops_table.{md,json}``.
+
+Outputs go to ``--out-dir`` (default ``runs/compare_flops``, git-ignored); the committed
+``benchmarks/results/flops_table.*`` were written with ``--analytic --out-dir benchmarks/results``.
 
 Conventions: a multiply-add is 2 FLOPs; training = 3 x forward (no activation recompute, no
 flash-attention score recompute); embedding lookups, norms and softmax are not counted. For the
@@ -58,7 +61,8 @@ from megatron_latentcot.flops import (  # noqa: E402
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+# Under runs/ (git-ignored), not benchmarks/results: a user's run must not overwrite committed tables.
+DEFAULT_OUT = Path("runs/compare_flops")
 PAPER_TOKENS = 50_000 * 256 * 2048  # 50k steps x global batch 256 x seq 2048 (~26.2B)
 PAPER_VOCAB = 50304
 

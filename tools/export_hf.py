@@ -10,8 +10,8 @@
 
 The tokenizer file is copied beside the weights.
 
-    python tools/export_hf.py runs/tiny out/tiny_hf
-    python tools/export_hf.py runs/tiny_adaptive out/tiny_adaptive --format latent
+    python tools/export_hf.py runs/tiny --output hf_model
+    python tools/export_hf.py runs/tiny_adaptive --output runs/tiny_adaptive_export --format latent
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from megatron_latentcot.inference.loading import LoadedModel, load_model, parse_dtype  # noqa: E402
+from megatron_latentcot.training.faults import exits_on_input_error  # noqa: E402
 
 
 def is_plain_llama(model: LoadedModel) -> bool:
@@ -81,14 +82,19 @@ def export(model: LoadedModel, out_dir: str | Path, fmt: str = "auto",
     return fmt
 
 
+@exits_on_input_error  # a missing run directory, a truncated checkpoint: one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="run directory (follows 'latest') or iter_* directory")
-    p.add_argument("output", help="directory to write")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output", "-o", help="directory to write")
+    out.add_argument("output_dir", nargs="?", metavar="OUTPUT",
+                     help="the same, as the second positional argument (the older form)")
     p.add_argument("--format", default="auto", choices=("auto", "hf", "latent"))
     p.add_argument("--dtype", default=None, help="weights dtype (default: float32)")
     p.add_argument("--tokenizer-model", default=None, help="override the config's tokenizer path")
     args = p.parse_args(argv)
+    args.output = args.output or args.output_dir
     model = load_model(args.checkpoint, tokenizer_model=args.tokenizer_model)
     fmt = export(model, args.output, args.format,
                  parse_dtype(args.dtype) if args.dtype else None)

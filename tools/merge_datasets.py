@@ -2,8 +2,11 @@
 
 ``--input`` is either a directory, whose ``<name>.idx``/``<name>.bin`` pairs are merged in sorted
 name order (as Megatron-LM does), or one or more prefixes, merged in the order given. Every input
-is validated first; inputs must share a token dtype and, where they record one, a tokenizer. The
-output is written atomically and gets a ``.meta.json`` when the inputs had one.
+is validated first; inputs must share a token dtype and, where they record one, a tokenizer. An
+input without ``.meta.json`` (e.g. written by Megatron-LM) cannot prove its tokenizer: its token
+ids are checked against the vocabulary the other inputs record (or ``--vocab-size``), and a
+warning names it when no vocabulary is known. The output is written atomically and gets a
+``.meta.json`` when the inputs had one.
 
 Example::
 
@@ -25,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from megatron_latentcot.data.indexed import (  # noqa: E402
     IndexedDatasetError,
     IndexedWriter,
+    meta_path,
     read_meta,
     validate_indexed,
 )
@@ -57,8 +61,26 @@ def find_prefixes(inputs: list[str], output_prefix: str) -> list[str]:
     return list(inputs)
 
 
-def merge(prefixes: list[str], output_prefix: str) -> dict[str, Any]:
-    """Concatenate ``prefixes`` into ``output_prefix``; return the merged dataset's facts."""
+def _target_vocab(prefixes: list[str], metas: list[dict[str, Any] | None],
+                  vocab_size: int | None) -> int | None:
+    """The one vocabulary size the metadata and ``--vocab-size`` agree on (None: unknown)."""
+    sizes = {meta_path(p): int(m["vocab_size"]) for p, m in zip(prefixes, metas)
+             if m is not None and m.get("vocab_size") is not None}
+    if vocab_size is not None:
+        sizes["--vocab-size"] = vocab_size
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"{k} says {v}" for k, v in sizes.items())
+        raise MergeError(f"inputs disagree on the vocabulary size: {detail}")
+    return next(iter(sizes.values()), None)
+
+
+def merge(prefixes: list[str], output_prefix: str,
+          vocab_size: int | None = None) -> dict[str, Any]:
+    """Concatenate ``prefixes`` into ``output_prefix``; return the merged dataset's facts.
+
+    ``unverified`` in the result lists inputs whose tokenizer nothing could check (no metadata
+    and no known vocabulary).
+    """
     if not prefixes:
         raise MergeError("nothing to merge: no input datasets")
     infos = [validate_indexed(p) for p in prefixes]
@@ -74,10 +96,20 @@ def merge(prefixes: list[str], output_prefix: str) -> dict[str, Any]:
         raise MergeError(f"inputs were built with different tokenizers: {detail}")
     known = next((m for m in metas if m is not None), None)
     dtype = np.dtype(infos[0].dtype)
-    vocab_size = int(known["vocab_size"]) if known else int(np.iinfo(dtype).max) + 1
-    with IndexedWriter(output_prefix, vocab_size, dtype=dtype.type) as w:
-        for p in prefixes:
-            w.add_index(p)
+    vocab = _target_vocab(prefixes, metas, vocab_size)
+    unverified = [p for p, m in zip(prefixes, metas) if m is None]
+    if vocab is not None:  # ids beyond the vocabulary: another tokenizer's dataset
+        for p in unverified:
+            try:
+                validate_indexed(p, vocab_size=vocab, check_tokens=True)
+            except IndexedDatasetError as e:
+                source = "--vocab-size" if known is None else "the other inputs' .meta.json"
+                raise MergeError(f"{e}; {source} gives {vocab} ids") from None
+        unverified = []
+    with IndexedWriter(output_prefix, vocab or int(np.iinfo(dtype).max) + 1,
+                       dtype=dtype.type) as w:
+        for info in infos:
+            w.add_index(info)
         meta = None
         if known is not None:
             keep = ("tokenizer_type", "tokenizer_model", "tokenizer_fingerprint", "vocab_size",
@@ -87,7 +119,8 @@ def merge(prefixes: list[str], output_prefix: str) -> dict[str, Any]:
                         created_by="megatron_latentcot tools/merge_datasets.py")
         info = w.finalize(meta)
     return {"prefix": info.prefix, "inputs": len(prefixes), "documents": info.documents,
-            "sequences": info.sequences, "tokens": info.tokens, "dtype": info.dtype}
+            "sequences": info.sequences, "tokens": info.tokens, "dtype": info.dtype,
+            "unverified": unverified}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,16 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", nargs="+", required=True,
                    help="a directory of .bin/.idx pairs, or one or more dataset prefixes")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary of the tokenizer the inputs were built with: every input "
+                   "without .meta.json is checked against it")
     p.add_argument("--multimodal", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.multimodal:
         p.error("--multimodal datasets are not supported")
     try:
         prefixes = find_prefixes(args.input, args.output_prefix)
-        result = merge(prefixes, args.output_prefix)
+        result = merge(prefixes, args.output_prefix, args.vocab_size)
     except (MergeError, IndexedDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if result["unverified"]:
+        print(f"warning: {', '.join(result['unverified'])}: no .meta.json and no known "
+              "vocabulary, so the tokenizer was not checked (pass --vocab-size)", file=sys.stderr)
     print(f"merged {result['inputs']} datasets -> {result['prefix']}.bin/.idx: "
           f"{result['documents']:,} documents, {result['tokens']:,} {result['dtype']} tokens")
     return 0

@@ -1,23 +1,18 @@
-"""Megatron-format indexed datasets (``<prefix>.bin`` + ``<prefix>.idx``) on megatron-core.
+"""Megatron-format indexed datasets (``<prefix>.bin`` + ``<prefix>.idx``): validation and reading.
 
-Reading and writing are megatron-core's ``IndexedDatasetBuilder``/``IndexedDataset``, so the files
-stay byte-compatible with Megatron-LM. What this module adds is what those classes leave out:
+Reading is megatron-core's ``IndexedDataset``; writing is ``indexed_writer.IndexedWriter`` (numpy
+only, byte-identical to megatron-core's ``IndexedDatasetBuilder``), re-exported here. Neither
+imports torch or megatron-core at import time. What this module adds is what megatron-core leaves
+out:
 
 * **validation**: megatron-core reads a corrupt ``.idx`` with bare ``assert``s or happily mmaps a
   truncated one; ``validate_indexed`` checks magic, version, dtype code, sizes, pointers and the
   ``.bin`` length, and raises one ``IndexedDatasetError`` that names the file;
-* **atomic writes**: ``IndexedWriter`` writes to temporary names and renames ``.bin`` then ``.idx``
-  (the ``.idx`` is the commit marker), so an interrupted run never leaves an ``.idx`` that looks
-  complete;
-* **token range checks**: megatron-core casts with ``numpy.array(..., dtype)``, which silently
-  wraps an id >= 65536 into a uint16 file;
+* **atomic writes** and **token range checks** (``IndexedWriter``, see ``indexed_writer.py``);
 * **provenance**: ``<prefix>.meta.json`` records the tokenizer fingerprint, so a dataset built
   with one tokenizer is never silently read with another (``check_tokenizer``).
 
-``.idx`` layout (little endian): ``b"MMIDIDX\\x00\\x00"``, version ``<Q`` = 1, dtype code ``<B``,
-sequence count ``<Q``, document count ``<Q``, sequence lengths ``int32[S]``, sequence byte
-pointers ``int64[S]``, document indices ``int64[D]`` (sequence index where each document starts,
-first 0, last S), then ``int8[S]`` modes for multimodal datasets only.
+The ``.idx`` layout is described in ``indexed_writer.py``.
 """
 
 from __future__ import annotations
@@ -26,12 +21,20 @@ import json
 import logging
 import os
 import struct
-from array import array
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from megatron_latentcot.data.indexed_writer import DTYPE_CODES as _DTYPE_CODES
+from megatron_latentcot.data.indexed_writer import (
+    HEADER_SIZE,
+    INDEX_MAGIC,
+    IndexedDatasetError,
+    IndexedWriter,
+    IndexInfo,
+    meta_path,
+    optimal_dtype,
+)
 
 __all__ = [
     "HEADER_SIZE",
@@ -49,46 +52,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-INDEX_MAGIC = b"MMIDIDX\x00\x00"
-HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
-# megatron-core's DType codes (indexed_dataset.DType); repeated here so validation needs no import.
-_DTYPE_CODES: dict[int, type[np.number]] = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
-    5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
-}
-_META_FORMAT = "megatron-latentcot-indexed/1"
-
-
-class IndexedDatasetError(ValueError):
-    """An indexed dataset is missing, corrupt, or was built with a different tokenizer."""
-
-
-def optimal_dtype(vocab_size: int | None) -> type[np.number]:
-    """Token dtype Megatron-LM picks for a vocabulary: uint16 below 65500 ids, else int32.
-
-    Megatron-core's ``DType.optimal_dtype`` rule, restated so that choosing a dtype does not
-    import megatron-core (and torch): preprocessing workers fork before that import. A test pins
-    the two to each other.
-    """
-    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
-
-
-def meta_path(prefix: str | os.PathLike[str]) -> str:
-    """Where the provenance record of ``prefix`` lives (``<prefix>.meta.json``)."""
-    return f"{os.fspath(prefix)}.meta.json"
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    """Header-level facts of a validated dataset."""
-
-    prefix: str
-    dtype: str
-    sequences: int
-    documents: int  # real documents (Megatron's document count minus the leading 0)
-    tokens: int
-    multimodal: bool
 
 
 def _fail(path: str, what: str) -> IndexedDatasetError:
@@ -271,156 +234,3 @@ def check_tokenizer(prefix: str | os.PathLike[str], tokenizer: Any, *,
                     f"{tokenizer.vocab_size}); re-run tools/preprocess_data.py with this "
                     "tokenizer or point the config at the right one")
     return True
-
-
-def _check_ids(arr: np.ndarray, limit: int, where: str) -> None:
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= limit):
-        raise IndexedDatasetError(
-            f"{where}: token id {int(arr.max()) if arr.max() >= limit else int(arr.min())} "
-            f"outside [0, {limit})"
-        )
-
-
-class IndexedWriter:
-    """Write one Megatron dataset atomically through megatron-core's ``IndexedDatasetBuilder``.
-
-    Use as a context manager: ``finalize`` commits, leaving the block without it (an exception, a
-    Ctrl-C) removes the temporary files. Token ids are checked against ``vocab_size`` and the
-    dtype (ids that do not fit would otherwise be silently wrapped).
-    """
-
-    def __init__(self, prefix: str | os.PathLike[str], vocab_size: int,
-                 dtype: type[np.number] | None = None) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        self.prefix = os.fspath(prefix)
-        self.vocab_size = int(vocab_size)
-        self.dtype = np.dtype(dtype if dtype is not None else optimal_dtype(vocab_size))
-        self._limit = min(self.vocab_size, int(np.iinfo(self.dtype).max) + 1)
-        suffix = f".tmp-{os.getpid()}"
-        self._tmp_bin = self.prefix + ".bin" + suffix
-        self._tmp_idx = self.prefix + ".idx" + suffix
-        self._tmp_meta = meta_path(self.prefix) + suffix
-        parent = os.path.dirname(os.path.abspath(self.prefix))
-        try:
-            os.makedirs(parent, exist_ok=True)
-            self._builder = IndexedDatasetBuilder(self._tmp_bin, dtype=self.dtype.type)
-        except OSError as e:
-            raise IndexedDatasetError(
-                f"{self.prefix}: cannot write the dataset in {parent} ({e.strerror or e})"
-            ) from None
-        # The builder keeps its per-document index in Python lists (~70 bytes a document);
-        # typed arrays hold the same values in 12 and write the same bytes.
-        self._builder.sequence_lengths = array("i")
-        self._builder.document_indices = array("q", [0])
-        self.documents = 0
-        self.tokens = 0
-        self._done = False
-
-    def add_document(self, ids: Sequence[int] | np.ndarray, *, checked: bool = False) -> None:
-        """Append one document (possibly empty: Megatron records it with no sequence).
-
-        ``checked=True`` skips the range check for arrays a worker already checked.
-        """
-        arr = np.asarray(ids)
-        if not checked:
-            _check_ids(arr, self._limit, f"{self.prefix}: document {self.documents}")
-        if arr.dtype != self.dtype:
-            arr = arr.astype(self.dtype)
-        n = int(arr.size)
-        # Megatron-LM's preprocess_data.py passes no sequence at all for an empty document.
-        self._builder.add_document(arr, [n] if n else [])
-        self.documents += 1
-        self.tokens += n
-
-    def add_documents(self, flat: np.ndarray, lengths: np.ndarray, *,
-                      checked: bool = False) -> None:
-        """Append many documents given as one flat token array and per-document lengths.
-
-        Same bytes as ``add_document`` per document, in one write: the preprocessing hot path.
-        Uses the builder's public ``data_file``/``sequence_lengths``/``document_indices``.
-        """
-        flat = np.asarray(flat)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if int(lengths.sum()) != flat.size:
-            raise ValueError(f"lengths sum to {int(lengths.sum())} but {flat.size} tokens given")
-        if not checked:
-            _check_ids(flat, self._limit, f"{self.prefix}: documents from {self.documents}")
-        if flat.dtype != self.dtype:
-            flat = flat.astype(self.dtype)
-        b = self._builder
-        b.data_file.write(flat.tobytes(order="C"))
-        nonempty = lengths > 0
-        seq_before = len(b.sequence_lengths)
-        b.sequence_lengths.frombytes(lengths[nonempty].astype(np.int32).tobytes())
-        b.document_indices.frombytes((seq_before + np.cumsum(nonempty)).astype(np.int64).tobytes())
-        self.documents += int(lengths.size)
-        self.tokens += int(flat.size)
-
-    def add_index(self, prefix: str | os.PathLike[str]) -> IndexInfo:
-        """Append a whole existing dataset (validated; its dtype must match)."""
-        info = validate_indexed(prefix)
-        if np.dtype(info.dtype) != self.dtype:
-            raise IndexedDatasetError(
-                f"{os.fspath(prefix)}.idx: token dtype {info.dtype} differs from the output's "
-                f"{self.dtype.name}; datasets to merge must share a tokenizer"
-            )
-        if info.multimodal:
-            raise IndexedDatasetError(f"{os.fspath(prefix)}.idx: multimodal datasets are not "
-                                      "supported")
-        self._builder.add_index(os.fspath(prefix))
-        self.documents += info.documents
-        self.tokens += info.tokens
-        return info
-
-    def finalize(self, meta: dict[str, Any] | None = None) -> IndexInfo:
-        """Write the index and publish ``.bin``, ``.meta.json`` and last ``.idx``."""
-        try:
-            self._builder.finalize(self._tmp_idx)
-            if meta is not None:
-                record = {"format": _META_FORMAT, "dtype": self.dtype.name,
-                          "documents": self.documents, "tokens": self.tokens, **meta}
-                with open(self._tmp_meta, "w", encoding="utf-8") as f:
-                    json.dump(record, f, indent=2, sort_keys=True)
-                    f.write("\n")
-            # Drop the old commit marker first: a crash between renames then leaves no .idx.
-            for old in (self.prefix + ".idx", meta_path(self.prefix)):
-                if os.path.exists(old):
-                    os.unlink(old)
-            os.replace(self._tmp_bin, self.prefix + ".bin")
-            if meta is not None:
-                os.replace(self._tmp_meta, meta_path(self.prefix))
-            os.replace(self._tmp_idx, self.prefix + ".idx")
-        except OSError as e:
-            self.abort()
-            raise IndexedDatasetError(
-                f"{self.prefix}: cannot finish writing the dataset ({e.strerror or e})"
-            ) from None
-        self._done = True
-        return validate_indexed(self.prefix)
-
-    @property
-    def done(self) -> bool:
-        """True once committed or aborted."""
-        return self._done
-
-    def abort(self) -> None:
-        """Remove the temporary files; the published dataset (if any) is untouched."""
-        try:
-            self._builder.data_file.close()
-        except Exception:  # already closed
-            pass
-        for path in (self._tmp_bin, self._tmp_idx, self._tmp_meta):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self._done = True
-
-    def __enter__(self) -> IndexedWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if not self._done:
-            self.abort()
-

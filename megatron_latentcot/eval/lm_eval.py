@@ -12,8 +12,8 @@
 
 Log-likelihoods are teacher-forced with the training forward (equal to step-by-step decoding,
 tests/test_generate.py); every request starts after an EOD, the document boundary of the
-training stream. ``generate_until`` decodes with the KV-cached latent loop. Needs
-``pip install lm-eval`` (the ``[eval]`` extra).
+training stream. ``generate_until`` decodes with the KV-cached latent loop. Needs the project's
+``eval`` extra: ``pip install -e ".[eval]"`` (lm-eval).
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ import json
 from typing import Any
 
 import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ModuleNotFoundError as e:  # say which extra, not only which module
+    _hint = f'{e}: the lm-eval adapter needs the eval extra: pip install -e ".[eval]"'
+    if __name__ == "__main__":
+        raise SystemExit(_hint) from None
+    raise ModuleNotFoundError(_hint, name=e.name) from None
 
 from megatron_latentcot.eval.lambada import encode_pair
 from megatron_latentcot.eval.scoring import Window, score_windows

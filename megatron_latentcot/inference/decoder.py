@@ -210,7 +210,7 @@ class IncrementalDecoder:
         e = stage.embed(ids)  # [n, 1, H]
         hidden = e.shape[-1]
         if k > 1:
-            pauses = stage.pause_embeddings.weight.to(e.dtype)
+            pauses = stage.pause_vectors(e.dtype)
             e = torch.cat([e, pauses[None].expand(n, -1, -1)], dim=1)
         e = e.reshape(n * k, 1, hidden)
         slot = torch.arange(k, device=self.device)

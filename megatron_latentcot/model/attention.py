@@ -4,15 +4,20 @@ Tokens travel through the model packed as ``[N, ...]`` (all active (row, positio
 of a micro-batch, sorted row-major: row, then position). A key (row_j, t_j, k_j) is visible to
 a query (row_i, t_i, k_i) iff same row, t_j <= t_i, the key was executed, the same document
 (when documents are masked), and k_j <= k_i: the cache only ever holds steps <= the current one,
-so the step condition holds by construction. One :class:`AttentionPlan` per latent step is
-shared by every layer. Two backends compute the same thing:
+so the step condition holds by construction. Documents are contiguous runs of a row (the
+dataset's cumulative EOD count), so "same document and t_j <= t_i" is "t_j in [start of t_i's
+document, t_i]". One :class:`AttentionPlan` per latent step is shared by every layer. Both
+backends group queries and keys per batch row (:func:`row_layout`) and compute the same thing:
 
-- ``sdpa``: keys and queries gathered per batch row with an explicit boolean mask (CPU training
-  path and the reference);
-- ``flex``: ``flex_attention`` over the packed sequences with a block mask built from the
-  rule (GPU path; no dense T x (K*T) mask is materialised; forward-only on CPU).
+- ``sdpa``: an explicit boolean (queries x keys) mask per row (CPU training path and reference);
+- ``flex``: ``flex_attention`` with batch rows as its batch dimension and a ``BlockMask`` built
+  at block granularity from per-block position bounds (:func:`flex_block_mask`): integers per
+  (query block, key block), never per pair; an exact elementwise rule inside partial blocks.
+  Row widths are bucketed to multiples of :data:`BLOCK` (at least two blocks) and the rule
+  captures only tensors, so compiled flex keeps a small fixed set of graphs over a whole run
+  (GPU path; forward-only on CPU).
 
-Step 1 of a plain causal batch is the dense fast path (``is_causal``).
+Step 1 of a plain causal batch is the dense fast path (``is_causal``) on SDPA.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("sdpa", "flex")
+BLOCK = 128  # flex tile (queries and keys); flex row widths are multiples of it
+_DEAD = 2**30  # the position a dead or padding key takes: after every query
 
 
 @dataclass
@@ -70,6 +77,8 @@ def latent_plan(q_slots: torch.Tensor, k_slots: torch.Tensor, k_live: torch.Tens
 
 def _doc_start(plan: AttentionPlan) -> torch.Tensor:
     """For every token slot, the position where its document starts (0 without documents)."""
+    if plan.doc_ids is None:
+        return torch.zeros(plan.rows * plan.seq, dtype=torch.long, device=plan._device())
     doc = plan.doc_ids.view(plan.rows, plan.seq)
     pos = torch.arange(plan.seq, device=doc.device).expand_as(doc)
     starts = torch.ones_like(doc, dtype=torch.bool)
@@ -78,30 +87,41 @@ def _doc_start(plan: AttentionPlan) -> torch.Tensor:
 
 
 def visible_pairs(plan: AttentionPlan) -> int:
-    """Exact number of (query, key) pairs the rule lets attend (the attention FLOPs' size).
-
-    Documents are contiguous within a row, so "same document and t_j <= t_i" is
-    "t_j in [start of t_i's document, t_i]": a count by binary search, no dense mask.
-    """
+    """Exact number of (query, key) pairs the rule lets attend (the attention FLOPs' size):
+    per query a count by binary search over the sorted keys, no dense mask."""
     q = plan.all_slots() if plan.dense else plan.q_slots
     k = plan.all_slots() if plan.dense else plan.k_slots
     if plan.k_live is not None:
         k = k[plan.k_live]
     keys = torch.sort(k).values  # slot = row * seq + t orders keys by (row, t)
     upper = torch.searchsorted(keys, q, right=True)
-    lower_slot = q - q % plan.seq + (_doc_start(plan)[q] if plan.doc_ids is not None else 0)
-    lower = torch.searchsorted(keys, lower_slot, right=False)
+    lower = torch.searchsorted(keys, q - q % plan.seq + _doc_start(plan)[q], right=False)
     return int((upper - lower).sum().item())
 
 
-# -- SDPA -------------------------------------------------------------------------------------
+# -- per-row layout (both backends) -------------------------------------------------------------
 
-def rows_layout(row_of: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group packed slots by batch row: ([rows, L] indices into the slots, [rows, L] valid)."""
+def flex_width(n: int, block: int = BLOCK) -> int:
+    """A flex row width: ``n`` rounded up to whole blocks, at least two (a one-block dimension
+    would be specialised by the compiler: one more graph)."""
+    return block * max(2, -(-n // block))
+
+
+def rows_layout(row_of: torch.Tensor, rows: int,
+                block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group packed slots by batch row: ([rows, L] indices into the slots, [rows, L] valid).
+
+    L is the widest row (``flex_width`` of it with a ``block``), keeping the packed order within
+    each row. O(N) when the slots are already grouped by row (training's row-major packing),
+    O(N log N) otherwise (the decoder's append-ordered cache).
+    """
     counts = torch.bincount(row_of, minlength=rows)
-    width = int(counts.max().item()) if row_of.numel() else 0
-    order = torch.argsort(row_of, stable=True)
-    sorted_rows = row_of[order]
+    widest = int(counts.max().item()) if row_of.numel() else 0
+    width = widest if block is None else flex_width(widest, block)
+    if bool((row_of[1:] >= row_of[:-1]).all()):
+        sorted_rows, order = row_of, torch.arange(row_of.numel(), device=row_of.device)
+    else:
+        sorted_rows, order = torch.sort(row_of, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(row_of.numel(), device=row_of.device) - starts[sorted_rows]
     index = torch.zeros(rows, width, dtype=torch.long, device=row_of.device)
@@ -111,32 +131,58 @@ def rows_layout(row_of: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Te
     return index, valid
 
 
+@dataclass
+class RowLayout:
+    """A plan's queries and keys grouped per batch row, and the rule as positions.
+
+    Row r holds queries ``q_index[r]`` (into the packed queries; real where ``q_valid``) and
+    keys ``k_index[r]``. Key j is visible to query i iff
+    ``q_start[r, i] <= k_pos[r, j] <= q_pos[r, i]``: a padding query sits at -1, a dead or
+    padding key at ``_DEAD``. Memory: a few integers per query and per key slot.
+    """
+
+    q_index: torch.Tensor
+    q_valid: torch.Tensor
+    k_index: torch.Tensor
+    q_pos: torch.Tensor  # int32 [rows, Lq]
+    q_start: torch.Tensor  # int32 [rows, Lq]: the query's document start
+    k_pos: torch.Tensor  # int32 [rows, Lk]
+
+    def mask(self) -> torch.Tensor:
+        """The dense [rows, Lq, Lk] rule (SDPA's mask; O(pairs): never for flex)."""
+        k = self.k_pos[:, None, :]
+        return (k <= self.q_pos[:, :, None]) & (k >= self.q_start[:, :, None])
+
+
+def row_layout(plan: AttentionPlan, block: int | None = None) -> RowLayout:
+    """Queries and keys of ``plan`` per row (widths: :func:`flex_width` with a ``block``)."""
+    seq = plan.seq
+    q = plan.all_slots() if plan.dense else plan.q_slots
+    k = q if plan.dense else plan.k_slots
+    q_index, q_valid = rows_layout(q // seq, plan.rows, block)
+    k_index, k_valid = (q_index, q_valid) if plan.dense else rows_layout(k // seq, plan.rows, block)
+    k_real = k_valid if plan.k_live is None else k_valid & plan.k_live[k_index]
+    q_pos = torch.where(q_valid, (q % seq)[q_index], -1)
+    q_start = torch.where(q_valid, _doc_start(plan)[q][q_index], 0)
+    k_pos = torch.where(k_real, (k % seq)[k_index], _DEAD)
+    return RowLayout(q_index, q_valid, k_index, q_pos.int(), q_start.int(), k_pos.int())
+
+
+# -- SDPA -------------------------------------------------------------------------------------
+
 def _sdpa_layout(plan: AttentionPlan):
     """Per-row gather indices and the boolean mask, built once per plan."""
     if "sdpa" in plan._cache:
         return plan._cache["sdpa"]
-    seq = plan.seq
-    if plan.dense:
-        mask = None
-        if plan.doc_ids is not None:
-            doc = plan.doc_ids.view(plan.rows, seq)
-            pos = torch.arange(seq, device=doc.device)
-            mask = ((pos[None, :] <= pos[:, None]) & (doc[:, :, None] == doc[:, None, :]))[:, None]
-        plan._cache["sdpa"] = mask
-        return mask
-    q_index, q_valid = rows_layout(plan.q_slots // seq, plan.rows)
-    k_index, k_valid = rows_layout(plan.k_slots // seq, plan.rows)
-    q_pos, k_pos = (plan.q_slots % seq)[q_index], (plan.k_slots % seq)[k_index]
-    mask = q_valid[:, :, None] & k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
-    if plan.k_live is not None:
-        mask &= plan.k_live[k_index][:, None, :]
-    if plan.doc_ids is not None:
-        q_doc = plan.doc_ids[plan.q_slots][q_index]
-        k_doc = plan.doc_ids[plan.k_slots][k_index]
-        mask &= q_doc[:, :, None] == k_doc[:, None, :]
-    mask[:, :, 0] |= ~q_valid  # padding queries attend to one real key: no all-masked rows
-    plan._cache["sdpa"] = (q_index, q_valid, k_index, mask[:, None])
-    return plan._cache["sdpa"]
+    if plan.dense:  # queries == keys == all slots in row-major order: no gather
+        layout = None if plan.doc_ids is None else row_layout(plan).mask()[:, None]
+    else:
+        lay = row_layout(plan)
+        mask = lay.mask()
+        mask[:, :, 0] |= ~lay.q_valid  # padding queries attend to one real key: no all-masked rows
+        layout = (lay.q_index, lay.q_valid, lay.k_index, mask[:, None])
+    plan._cache["sdpa"] = layout
+    return layout
 
 
 def _sdpa(q, k, v, plan: AttentionPlan) -> torch.Tensor:
@@ -161,44 +207,101 @@ def _sdpa(q, k, v, plan: AttentionPlan) -> torch.Tensor:
 
 # -- flex_attention ---------------------------------------------------------------------------
 
-def _flex_block_mask(plan: AttentionPlan, n_q: int, n_k: int):
-    if "flex" in plan._cache:
-        return plan._cache["flex"]
-    from torch.nn.attention.flex_attention import create_block_mask
+def block_classes(lay: RowLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows, Lq/block, Lk/block] partial, full) blocks of ``lay``'s rule, from per-block bounds.
 
-    seq = plan.seq
-    q_slots = plan.all_slots() if plan.dense else plan.q_slots
-    k_slots = plan.all_slots() if plan.dense else plan.k_slots
-    live = plan.k_live if plan.k_live is not None else torch.ones_like(k_slots, dtype=torch.bool)
-    doc = plan.doc_ids if plan.doc_ids is not None else torch.zeros(
-        plan.rows * seq, dtype=torch.long, device=q_slots.device)
-
-    def rule(b, h, qi, kj):
-        qs, ks = q_slots[qi], k_slots[kj]
-        return ((qs // seq == ks // seq) & (ks % seq <= qs % seq) & live[kj]
-                & (doc[qs] == doc[ks]))
-
-    mask = create_block_mask(rule, None, None, n_q, n_k, device=q_slots.device)
-    plan._cache["flex"] = mask
-    return mask
+    Full: every query real, every key live, and max key <= min query and min key >= the latest
+    document start, i.e. every pair visible (exact). Partial: the bounds allow some visible pair
+    and the block is not full (a superset of the blocks with a visible pair; the mask_mod
+    decides each pair). Every other block is skipped: none of its pairs is visible.
+    """
+    rows = lay.q_pos.shape[0]
+    qp, qs = lay.q_pos.view(rows, -1, block), lay.q_start.view(rows, -1, block)
+    kp = lay.k_pos.view(rows, -1, block)
+    q_real, k_live = qp >= 0, kp < _DEAD
+    q_hi, q_lo = qp.amax(-1)[..., None], qp.masked_fill(~q_real, _DEAD).amin(-1)[..., None]
+    s_hi, s_lo = qs.amax(-1)[..., None], qs.masked_fill(~q_real, _DEAD).amin(-1)[..., None]
+    k_lo, k_hi = kp.amin(-1)[:, None], kp.masked_fill(~k_live, -1).amax(-1)[:, None]
+    some = (k_lo <= q_hi) & (k_hi >= s_lo)
+    full = (q_real.all(-1)[..., None] & k_live.all(-1)[:, None] & (k_hi <= q_lo) & (k_lo >= s_hi))
+    return some & ~full, full
 
 
+def _block_lists(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, n, m] selected blocks -> (count [rows, 1, n], indices [rows, 1, n, m]), the
+    selected ones first, in order (``BlockMask``'s kv_num_blocks / kv_indices, or q_*)."""
+    count = sel.sum(-1, dtype=torch.int32)
+    index = torch.argsort(sel.to(torch.uint8), dim=-1, descending=True, stable=True)
+    return count[:, None], index.to(torch.int32)[:, None]
+
+
+def _mask_mod(lay: RowLayout):
+    """The elementwise rule for partial blocks. It captures tensors only (no Python ints), so
+    compiled flex guards on their shapes, not their values or the closure: no recompiles."""
+    q_pos, q_start, k_pos = lay.q_pos, lay.q_start, lay.k_pos
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        key = k_pos[b, kv_idx]
+        return (key <= q_pos[b, q_idx]) & (key >= q_start[b, q_idx])
+
+    return mask_mod
+
+
+def flex_block_mask(plan: AttentionPlan, block: int = BLOCK):
+    """The plan's ``BlockMask`` (batch = rows, one head broadcast) and its row layout, built
+    once per plan and shared by every layer; :func:`flex_mask_bytes` says what it holds."""
+    key = f"flex{block}"
+    if key not in plan._cache:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        lay = row_layout(plan, block)
+        partial, full = block_classes(lay, block)
+        # key blocks per query block, then (for backward) query blocks per key block
+        lists = [t for sel in (partial, full, partial.mT, full.mT) for t in _block_lists(sel)]
+        mask = BlockMask((lay.q_pos.shape[1], lay.k_pos.shape[1]), *lists,
+                         BLOCK_SIZE=(block, block), mask_mod=_mask_mod(lay))
+        plan._cache[key] = (mask, lay)
+    return plan._cache[key]
+
+
+def flex_mask_bytes(rows: int, width_q: int, width_k: int, block: int = BLOCK) -> int:
+    """Bytes a :func:`flex_block_mask` keeps for ``rows`` rows of ``width_q`` queries over
+    ``width_k`` keys (flex widths): the row layout (index int64, valid, positions int32) and
+    the partial and full block lists in both orientations (int32): per row, a few integers per
+    query and key slot and four per (query block, key block), never per pair."""
+    nq, nk = width_q // block, width_k // block
+    layout = (8 + 1 + 4 + 4) * width_q + (8 + 4) * width_k
+    return rows * (layout + 2 * 4 * (nq + nq * nk + nk + nk * nq))
+
+
+COMPILE_ON_CPU = False  # compiled flex on CPU too (forward only; tests count its graphs)
 _compiled_flex = None
 
 
-def _flex(q, k, v, plan: AttentionPlan) -> torch.Tensor:
+def _flex_fn(device: torch.device):
+    """Eager flex_attention is a slow dense reference; compiled is the GPU kernel."""
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
-    fn = flex_attention
-    if q.is_cuda:  # eager flex_attention is a slow reference; compiled is the GPU kernel
-        _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=True)
-        fn = _compiled_flex
+    if device.type == "cpu" and not COMPILE_ON_CPU:
+        return flex_attention
+    # automatic dynamic shapes: first shapes static, then one graph with dynamic widths
+    _compiled_flex = _compiled_flex or torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def _flex(q, k, v, plan: AttentionPlan) -> torch.Tensor:
     nq, hq, d = q.shape
-    block_mask = _flex_block_mask(plan, nq, k.shape[0])
-    out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-             block_mask=block_mask, enable_gqa=hq != k.shape[1])
-    return out[0].transpose(0, 1).reshape(nq, hq * d)
+    mask, lay = flex_block_mask(plan, BLOCK)  # (BLOCK read now: tests vary it)
+    identity = plan.dense and lay.q_index.shape[1] == plan.seq  # rows need no padding
+
+    def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [rows, H, L, D], a copy
+        # of the packed slots grouped per row (the K/V cache's copy grows with the cache)
+        return (x.view(plan.rows, plan.seq, *x.shape[1:]) if identity else x[index]).transpose(1, 2)
+
+    out = _flex_fn(q.device)(rows(q, lay.q_index), rows(k, lay.k_index), rows(v, lay.k_index),
+                             block_mask=mask, enable_gqa=hq != k.shape[1])
+    return out.transpose(1, 2)[lay.q_valid].reshape(nq, hq * d)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -63,7 +63,7 @@ def pause(stage: LlamaStage, mb: dict, slots: int):
     e = stage.embed(tokens.reshape(-1))  # [B*T, 1, H]
     h_dim = e.shape[-1]
     if slots > 1:
-        pauses = stage.pause_embeddings.weight.to(e.dtype)  # [K-1, H]
+        pauses = stage.pause_vectors(e.dtype)  # [K-1, H]
         e = torch.cat([e, pauses[None].expand(e.shape[0], -1, -1)], dim=1)  # [B*T, K, H]
     e = e.reshape(rows * seq * slots, 1, h_dim)
     long_seq = seq * slots

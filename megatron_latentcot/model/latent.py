@@ -14,12 +14,13 @@ Methods: ``vanilla`` (K = 1), ``latent_fixed`` (every token K steps, z^f = z^(K)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
 
-from megatron_latentcot.config import METHODS, Config, ConfigError
+from megatron_latentcot.config import METHODS, Config, ConfigError, check_layout
 from megatron_latentcot.flops import latent_train_flops
 from megatron_latentcot.loss import masked_mean, token_cross_entropy
 from megatron_latentcot.model import baselines
@@ -32,7 +33,7 @@ from megatron_latentcot.model.router import Decision, decide
 class StepRecord:
     """What one latent step ran: for metrics and exact FLOPs."""
 
-    tokens: int  # token slots computed at this step
+    tokens: int  # token slots computed at this step, less sequence parallelism's padding
     live: int  # of which really executed (== tokens when compacting)
     pairs: int  # visible attention pairs
     gates: torch.Tensor | None = None  # the live tokens' gates (detached)
@@ -55,22 +56,12 @@ class LatentStepScheduler:
         lat = cfg.latent
         if lat.method not in METHODS:
             raise ConfigError(f"latent.method: expected one of {METHODS}, got {lat.method!r}")
+        check_layout(cfg)  # config.py's table, also for configs built without validate()
         self.max_steps = 1 if lat.method == "vanilla" else lat.max_steps
         self.tp_size = cfg.parallel.tensor_model_parallel_size
         from megatron.core import parallel_state
 
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        if self.max_steps > 1 and cfg.parallel.pipeline_model_parallel_size > 1 and (
-                lat.method in ("pause", "pondering") or cfg.parallel.sequence_parallel
-                or not lat.compact):
-            raise ConfigError(f"latent.method={lat.method!r} (compact={lat.compact}, sequence_parallel="
-                              f"{cfg.parallel.sequence_parallel}) does not yet run with pipeline "
-                              "parallelism; with PP > 1 use vanilla, looped, latent_fixed or adaptive, "
-                              "compact, without sequence parallelism")
-        if self.max_steps > 1 and cfg.parallel.sequence_parallel and (
-                lat.method in ("pause", "pondering") or not lat.compact):
-            raise ConfigError(f"latent.method={lat.method!r} (compact={lat.compact}) does not yet "
-                              "run with sequence parallelism")
 
     # -- pipeline-stage interface ------------------------------------------------------------
     def stage_forward(self, mb: dict, x: torch.Tensor | None):
@@ -156,9 +147,10 @@ class LatentStepScheduler:
         # ``active``: token slot of each row of this rank's h (its shard under SP);
         # ``q_slots``: the step's queries across the TP group (== active without SP);
         # ``live``: which rows really execute (None = all; dead rows are uncompacted halted
-        # tokens or SP padding, computed but never visible nor mixed).
+        # tokens or SP padding, computed but never visible nor mixed); ``q_real``: how many
+        # of q_slots are not SP padding (padding is no model work: one process has none).
         active = all_slots.chunk(self.tp_size)[self.tp_rank] if sp else all_slots
-        q_slots, live = all_slots, None
+        q_slots, live, q_real = all_slots, None, n
         key_slots, key_live = all_slots, None
         work = upcast(h).dtype  # routing and mixing precision: float32 (float64 in tests)
         reach = torch.ones(active.numel(), device=device, dtype=work)
@@ -175,8 +167,10 @@ class LatentStepScheduler:
             if gate is not None:
                 gate = (gate if live is None else gate[live]).detach()
             n_live = self._tp_sum(active.numel() if live is None else int(live.sum()))
-            records.append(StepRecord(tokens=q_slots.numel(), live=n_live,
-                                      pairs=visible_pairs(plan), gates=gate))
+            real_plan = plan if q_real == q_slots.numel() else self.step_plan(
+                mb, q_slots[:q_real], key_slots, key_live)
+            records.append(StepRecord(tokens=q_real, live=n_live,
+                                      pairs=visible_pairs(real_plan), gates=gate))
             z_final = z_final.index_add(0, active, decision.exit[:, None, None] * upcast(z))
             cont = decision.cont
             if self._tp_sum(int(cont.sum())) == 0:  # every rank agrees: nobody goes on
@@ -189,9 +183,10 @@ class LatentStepScheduler:
             elif sp:
                 active, reach, h_in, live, q_slots, new_live = self._regather(
                     active[cont], decision.reach_next[cont], z[cont])
+                q_real = int(new_live.sum())  # the padding is at the end
             else:
                 active, reach, h_in = active[cont], decision.reach_next[cont], z[cont]
-                q_slots = active
+                q_slots, q_real = active, active.numel()
             if new_live is not None or key_live is not None:
                 old = key_live if key_live is not None else torch.ones_like(key_slots, dtype=torch.bool)
                 new = new_live if new_live is not None else torch.ones_like(q_slots, dtype=torch.bool)
@@ -203,7 +198,7 @@ class LatentStepScheduler:
                     p_target = torch.exp(-token_cross_entropy(stage.logits(h_in), labels[q_slots]))
                     if sp:
                         p_target = p_target.chunk(self.tp_size)[self.tp_rank]
-                ptarget_tokens += q_slots.numel()
+                ptarget_tokens += q_real
                 term = loss_mask[active] * p_target.pow(lat.adaptive_loss_beta) * reach
                 adaptive_sum = adaptive_sum + (term if live is None else term * live).sum()
             plan = self.step_plan(mb, q_slots, key_slots, key_live)
@@ -234,13 +229,16 @@ class LatentStepScheduler:
 
         return parallel_state.get_tensor_model_parallel_group()
 
-    def _tp_sum(self, value: int) -> int:
+    def _tp_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the TP group under SP (each rank holds different tokens), else as is."""
+        if self.stage.sequence_parallel:
+            torch.distributed.all_reduce(t, group=self._tp_group())
+        return t
+
+    def _tp_sum(self, value: int) -> int:
         if not self.stage.sequence_parallel:
             return value
-        t = torch.tensor([value], device=self.stage.rotary.inv_freq.device)
-        torch.distributed.all_reduce(t, group=self._tp_group())
-        return int(t.item())
+        return int(self._tp_reduce(torch.tensor([value], device=self.stage.rotary.inv_freq.device)))
 
     def _regather(self, slots: torch.Tensor, reach: torch.Tensor, z: torch.Tensor):
         """Survivors of every TP rank -> an even re-split (counts first; the last shard padded).
@@ -314,6 +312,19 @@ class LatentStepScheduler:
             names += ["adaptive_loss", "gate_mean", "gate_std"]
         return names + [f"active_frac_step{k}" for k in range(1, self.max_steps + 1)]
 
+    def _gate_moments(self, out: LatentOutput) -> tuple[float, float]:
+        """Mean and (unbiased) std of every live gate of the micro-batch (0, 0 without any).
+        Under SP each TP rank holds its own tokens' gates: count, sum and squared deviations
+        are summed over the group, so every rank logs what one process would."""
+        gates = [r.gates.double() for r in out.records if r.gates is not None]
+        g = torch.cat(gates) if gates else out.steps.new_zeros(0, dtype=torch.float64)
+        count, total = self._tp_reduce(torch.stack([g.new_tensor(g.numel()), g.sum()])).tolist()
+        if count == 0:
+            return 0.0, 0.0
+        mean = total / count
+        squares = self._tp_reduce((g - mean).pow(2).sum()).item()
+        return mean, math.sqrt(squares / (count - 1)) if count > 1 else 0.0
+
     def stats(self, out: LatentOutput, mb: dict) -> dict[str, float]:
         m = self.cfg.model
         rows, seq = mb["tokens"].shape
@@ -322,10 +333,7 @@ class LatentStepScheduler:
              "mean_steps": out.steps.float().mean().item()}
         if self.cfg.latent.method == "adaptive":
             s["adaptive_loss"] = out.adaptive_loss.item()
-            gates = [r.gates for r in out.records if r.gates is not None]
-            all_gates = torch.cat(gates) if gates else torch.zeros(1)
-            s["gate_mean"] = all_gates.mean().item()
-            s["gate_std"] = all_gates.std().item() if all_gates.numel() > 1 else 0.0
+            s["gate_mean"], s["gate_std"] = self._gate_moments(out)
         for k in range(1, self.max_steps + 1):
             live = out.records[k - 1].live if k <= len(out.records) else 0
             s[f"active_frac_step{k}"] = live / n

@@ -249,6 +249,10 @@ class LlamaStage(nn.Module):
         )
         self.embedding_multiplier = (m.embedding_multiplier if m.embedding_multiplier is not None
                                      else math.sqrt(2.5 * m.hidden_size))
+        # pondering's expected embedding probs @ (E * scale) (latent.pondering_embedding_scale)
+        self.soft_embedding_scale = (math.sqrt(m.hidden_size)
+                                     if cfg.latent.pondering_embedding_scale == "sqrt_hidden"
+                                     else self.embedding_multiplier)
         if self.pre_process:
             self.embed_tokens = Embedding(
                 vocab_size, m.hidden_size, init_method=_no_init, config=mp,
@@ -277,8 +281,16 @@ class LlamaStage(nn.Module):
         return self.embed_tokens(ids) * self.embedding_multiplier
 
     def embed_distribution(self, probs: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel probabilities [N, 1, V/tp] -> expected scaled embedding [N(/tp), 1, H]."""
-        return self.embed_tokens(probs, soft=True) * self.embedding_multiplier
+        """Vocab-parallel probabilities [N, 1, V/tp] -> expected embedding [N(/tp), 1, H],
+        ``probs @ (E * soft_embedding_scale)`` (pondering's)."""
+        return self.embed_tokens(probs, soft=True) * self.soft_embedding_scale
+
+    def pause_vectors(self, dtype: torch.dtype) -> torch.Tensor:
+        """The K-1 learnable pause embeddings [K-1, H], through the module's forward: FSDP2
+        gathers a unit's parameters only when it is called, not when its weight is read."""
+        slots = self.pause_embeddings.num_embeddings
+        ids = torch.arange(slots, device=self.pause_embeddings.weight.device)
+        return self.pause_embeddings(ids).to(dtype)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
                    past: list | None = None) -> tuple[torch.Tensor, list]:

@@ -3,16 +3,22 @@
 Layout: ``<save>/iter_0000100/{rank_00000.pt, ..., manifest.json}`` and ``<save>/latest``.
 Everything is written under a temporary name, fsync'ed and renamed; ``latest`` is replaced
 last, atomically. A crash at any moment therefore leaves ``latest`` pointing at a complete
-checkpoint, and the manifest's checksums catch a file damaged afterwards.
+checkpoint, and the manifest's checksums catch a file damaged afterwards. ``<save>/run.lock``
+(:class:`RunLock`) keeps a second run out of a directory in use.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
 import random
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +34,8 @@ if TYPE_CHECKING:  # parallel.py imports megatron-core: keep this module light
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+LOCK = "run.lock"
+LOCK_HEARTBEAT_S = 30.0  # how often the lock's holder renews it (RunLock)
 
 
 class CheckpointError(RuntimeError):
@@ -97,6 +105,13 @@ def reseed(seed: int, iteration: int) -> int:
     np.random.seed(value)
     torch.manual_seed(value)  # all devices
     return value
+
+
+def remove_checkpoints(root: str | Path) -> None:
+    """Delete ``latest`` (first: no pointer to a half-deleted checkpoint), then every ``iter_*``
+    (``train.overwrite``)."""
+    (Path(root) / LATEST).unlink(missing_ok=True)
+    _prune(Path(root), 0, protect=set())
 
 
 def layout(ctx: ParallelContext) -> dict[str, int]:
@@ -210,7 +225,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, payload: dict[str, Any
 def _prune(root: Path, keep_last: int, protect: set[str | None]) -> None:
     """Delete all but the newest ``keep_last``; rename first, so no half-deleted ``iter_*``."""
     ckpts = sorted(p for p in root.glob("iter_*") if p.is_dir())
-    for old in ckpts[:-keep_last]:
+    for old in ckpts[:len(ckpts) - keep_last]:
         if old.name not in protect:
             doomed = root / f".{old.name}.deleting"
             os.replace(old, doomed)
@@ -336,12 +351,183 @@ def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load, then re-wrap state tensors of DTensor (FSDP2-sharded) params as DTensors."""
+    """Load, then re-wrap state tensors of DTensor (FSDP2-sharded) params as DTensors.
+
+    The global shape and stride are the parameter's: inferred from the local pieces they would
+    be wrong wherever FSDP2 shards unevenly (a (1, d) router weight over two ranks is one row
+    and an empty shard, not 2 x 1 rows).
+    """
     optimizer.load_state_dict(state)
     from torch.distributed.tensor import DTensor
 
+    names = {id(p): n for g in optimizer.param_groups
+             for p, n in zip(g["params"], g.get("param_names", []))}
     for p, st in optimizer.state.items():
-        if isinstance(p, DTensor):
-            for key, v in st.items():
-                if torch.is_tensor(v) and v.dim() > 0 and not isinstance(v, DTensor):
-                    st[key] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements)
+        for key, v in st.items():
+            if not torch.is_tensor(v) or v.dim() == 0 or isinstance(v, DTensor):
+                continue
+            if v.shape != _local(p).shape:
+                raise CheckpointError(f"optimizer state '{key}' of {names.get(id(p), 'a parameter')} "
+                                      f"has shape {tuple(v.shape)}, this rank's parameter "
+                                      f"{tuple(_local(p).shape)}")
+            if isinstance(p, DTensor):
+                st[key] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
+                                             shape=p.shape, stride=p.stride())
+
+
+# -- one run per output directory ---------------------------------------------------------------
+def _proc_start(pid: int) -> str | None:
+    """When ``pid`` started (/proc, clock ticks since boot), to tell a reused pid from the
+    process that took a lock; None without /proc or once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, proc_start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    now = _proc_start(pid)
+    return proc_start is None or now is None or now == proc_start
+
+
+class RunLock:
+    """``<dir>/run.lock``: one run at a time writes into a checkpoint directory.
+
+    Created atomically (``O_CREAT | O_EXCL``) by rank 0 before the run touches the directory,
+    removed at exit. It records the host, pid and start time of the run, and a heartbeat that a
+    thread of the holder rewrites every ``heartbeat_s``. A lock left behind by a crash or a
+    SIGKILL is stale and taken over, with a log line:
+
+    - written on this host: when its pid is gone (or now names another process: /proc start
+      times differ);
+    - written on another host, whose pids cannot be checked: when its heartbeat has not changed
+      for 2.5 heartbeats (75 s by default), which the newcomer watches once before refusing or
+      taking over. Only the lock's content is compared, never two hosts' clocks.
+
+    A lock that this process holds already (an earlier Trainer of the same process) is handed
+    over. Every lock still held is released at interpreter exit.
+    """
+
+    held: dict[Path, RunLock] = {}  # by lock path: the locks this process holds
+
+    def __init__(self, directory: str | Path, heartbeat_s: float = LOCK_HEARTBEAT_S):
+        self.path = Path(directory).resolve() / LOCK
+        self.heartbeat_s = heartbeat_s
+        pid = os.getpid()
+        self.me = {"host": socket.gethostname(), "pid": pid, "proc_start": _proc_start(pid),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def describe(holder: dict[str, Any]) -> str:
+        return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+                f"{holder.get('started', '?')}")
+
+    def _read(self, path: Path | None = None) -> dict[str, Any] | None:
+        """The lock's content; None when there is no lock, {} when it is unreadable."""
+        try:
+            holder = json.loads((path or self.path).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _mine(self, holder: dict[str, Any] | None) -> bool:
+        return bool(holder) and all(holder.get(k) == v for k, v in self.me.items())
+
+    def _content(self) -> bytes:
+        return json.dumps(dict(self.me, heartbeat=self.beats)).encode()
+
+    def _stale(self, holder: dict[str, Any], log: Callable[[str], None]) -> str | None:
+        """Why ``holder``'s lock is stale, or None while its run is alive."""
+        pid = holder.get("pid")
+        if holder.get("host") == self.me["host"] and isinstance(pid, int):
+            if pid == os.getpid() or not _alive(pid, holder.get("proc_start")):
+                return f"its process {pid} has ended"
+            return None
+        wait = 2.5 * self.heartbeat_s
+        log(f"{self.path} is held by a run on another host ({self.describe(holder)}): watching "
+            f"its heartbeat for {wait:g} s")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(min(self.heartbeat_s / 4, max(0.0, deadline - time.monotonic())))
+            if self._read() != holder:
+                return None  # renewed (or released: the caller tries again)
+        return f"its heartbeat has not changed for {wait:g} s"
+
+    def acquire(self, log: Callable[[str], None]) -> None:
+        """Take the lock or raise CheckpointError naming its holder (one line)."""
+        previous = RunLock.held.get(self.path)
+        if previous is not None:
+            previous.release()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder is None:
+                    continue  # released meanwhile
+                why = self._stale(holder, log)
+                if why is None:
+                    if self._read() is None:
+                        continue
+                    raise CheckpointError(
+                        f"in use by another run ({self.describe(holder)}; lock file "
+                        f"{self.path}); two runs saving into one directory corrupt each "
+                        "other's checkpoints: wait for that run to end or use another "
+                        "directory") from None
+                aside = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
+                try:
+                    os.rename(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                if self._read(aside) != holder:  # another newcomer's fresh lock, moved by mistake: back
+                    os.replace(aside, self.path)
+                    continue
+                aside.unlink()
+                log(f"took over the stale lock {self.path} ({self.describe(holder)}): {why}")
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._content())
+                f.flush()
+                os.fsync(f.fileno())
+            RunLock.held[self.path] = self
+            self._thread = threading.Thread(target=self._beat, name="mlc-run-lock", daemon=True)
+            self._thread.start()
+            return
+        raise CheckpointError(f"{self.path}: cannot take the lock, other runs are starting "
+                              "into this directory at the same time")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self.beats += 1
+            try:
+                if not self._mine(self._read()):
+                    return  # taken over: a newcomer judged this run dead
+                _fsync_write(self.path, self._content())
+            except OSError:
+                pass  # a missed beat; 2.5 beats go by before anyone judges
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock, if this run holds it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if RunLock.held.get(self.path) is self:
+            del RunLock.held[self.path]
+            if self._mine(self._read()):
+                self.path.unlink(missing_ok=True)
+
+
+atexit.register(lambda: [lock.release() for lock in list(RunLock.held.values())])

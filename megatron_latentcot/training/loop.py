@@ -33,6 +33,7 @@ from megatron_latentcot.parallel import LaunchError, ParallelContext, init_distr
 from megatron_latentcot.training import checkpoint as ckpt
 from megatron_latentcot.training import latent_pipeline
 from megatron_latentcot.training.faults import (
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_REQUEUE,
     CollectiveGuard,
@@ -40,7 +41,13 @@ from megatron_latentcot.training.faults import (
     TrainingHalted,
 )
 from megatron_latentcot.training.lr_schedule import learning_rate
-from megatron_latentcot.training.metrics import MetricsLogger, format_line, peak_memory_gb
+from megatron_latentcot.training.metrics import (
+    MetricsLogger,
+    format_header,
+    format_line,
+    format_summary,
+    peak_memory_gb,
+)
 from megatron_latentcot.training.optimizer import Optimizer, no_weight_decay
 from megatron_latentcot.training.pipeline import forward_backward
 
@@ -93,13 +100,6 @@ class Engine:
         return forward_backward(stage_forward, mbs, self.ctx, torch.float32,
                                 forward_only=forward_only)
 
-    def dp_mean(self, values: list[float]) -> float:
-        """Mean over micro-batches and data-parallel ranks (meaningful on the last stage)."""
-        t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=self.ctx.device)
-        if self.ctx.dp_size > 1 and self.ctx.is_last_stage:
-            dist.all_reduce(t, group=self.ctx.dp_group)
-        return (t[0] / t[1].clamp(min=1)).item()
-
     def train_step(self, microbatches: list[dict]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches of the global batch.
 
@@ -151,10 +151,12 @@ class Engine:
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[dict]) -> float:
+        """Mean LM loss over micro-batches and DP ranks, on every rank: only the last stage
+        computes losses, so it goes through :meth:`reduce_stats` like training's."""
         self.model.eval()
-        losses = [s["lm_loss"] for s in self.run(microbatches, forward_only=True)]
+        stats = self.run(microbatches, forward_only=True)
         self.model.train()
-        return self.dp_mean(losses) if self.ctx.is_last_stage else math.nan
+        return self.reduce_stats(stats)["lm_loss"]
 
 
 class Trainer:
@@ -179,10 +181,15 @@ class Trainer:
         self.resumed_from: str | None = None
         self.last_saved: int | None = None  # iteration of the newest checkpoint of this run
         self.save_attempted: int | None = None  # iteration of the last save tried
-        self._check_output_dir()
-        if tr.load:
-            with self.engine.guard.phase("checkpoint load"):
-                self._load(tr.load)
+        self.lock: ckpt.RunLock | None = None
+        try:  # (a lock still held when the process ends is released at exit)
+            load = self._check_output_dir()
+            if load:
+                with self.engine.guard.phase("checkpoint load"):
+                    self._load(load)
+        except BaseException:
+            self._release()
+            raise
         evals = (tr.train_iters // tr.eval_interval + 1) if tr.eval_interval else 1
         n_train = tr.train_iters * tr.global_batch_size
         n_eval = evals * tr.eval_iters * tr.global_batch_size
@@ -202,7 +209,7 @@ class Trainer:
         self.heldout_ds = (whole([data.heldout_path], tr.eval_iters * tr.global_batch_size)
                            if data.heldout_path and tr.eval_iters else None)
         log_dir = Path(tr.save) if tr.save else None
-        self.log = MetricsLogger(cfg, ctx.is_logging_rank, log_dir)
+        self.log = MetricsLogger(cfg, ctx.is_logging_rank, log_dir, self.state.iteration)
         self.peak = peak_tflops(torch.cuda.get_device_name(ctx.device)
                                 if ctx.device.type == "cuda" else "cpu", tr.peak_tflops)
 
@@ -233,7 +240,9 @@ class Trainer:
             loss = self.evaluate(ds, tr.eval_iters)
             out[f"{split}_loss"], out[f"{split}_ppl"] = loss, math.exp(min(loss, 50.0))
             self.log.log(self.state.iteration, {"loss": loss, "ppl": out[f"{split}_ppl"]}, split)
-            self.log.print(f"  {split}: loss {loss:.4f} | perplexity {out[f'{split}_ppl']:.2f}")
+            tokens = tr.eval_iters * tr.global_batch_size * self.cfg.data.seq_length
+            self.log.print(f"  {split}: loss {loss:.4f} | perplexity {out[f'{split}_ppl']:.2f} "
+                           f"({tokens:,} sampled tokens)")
         return out
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -253,9 +262,8 @@ class Trainer:
                 path = ckpt.save_checkpoint(tr.save, self.state.iteration, payload, manifest,
                                             self.ctx, tr.keep_last, protect=self.resumed_from)
         except ckpt.CheckpointError as e:
-            last = (f"iter_{self.last_saved:07d}" if self.last_saved is not None else "none")
             msg = (f"checkpoint at iteration {self.state.iteration} failed: {e} (last good "
-                   f"checkpoint: {last})")
+                   f"checkpoint: {self._last_good()})")
             if not tr.continue_on_save_error:
                 raise ckpt.CheckpointError(f"{msg}. Training stopped; set "
                                            "train.continue_on_save_error=true to go on unsaved") from e
@@ -266,15 +274,30 @@ class Trainer:
         self.log.print(f"  saved checkpoint {path}")
         return path
 
-    def _check_output_dir(self) -> None:
-        """``train.save`` must be writable (collective), and must not hold another run's
-        checkpoints unless ``train.load`` resumes it."""
+    def _last_good(self) -> str:
+        return f"iter_{self.last_saved:07d}" if self.last_saved is not None else "none"
+
+    def _check_output_dir(self) -> str | None:
+        """Lock ``train.save`` and decide where to resume from (collective); returns the
+        directory to load, or None to start from scratch.
+
+        ``train.save`` must be writable and used by one run at a time (``checkpoint.RunLock``).
+        Checkpoints already in it are never lost without asking: those of a run with the same
+        config are resumed (also when ``train.load`` names another directory: a rerun or a
+        requeue of the same command goes on where it stopped), those of another config are
+        refused, and ``train.overwrite`` deletes them and starts from scratch.
+        """
         tr = self.cfg.train
         if not tr.save:
-            return
+            return tr.load
+        save = Path(tr.save)
+        loads_save = bool(tr.load) and Path(tr.load).resolve() == save.resolve()
+        if tr.overwrite and loads_save:
+            raise ConfigError(f"train.overwrite=true and train.load=train.save ({tr.save}) "
+                              "contradict each other: overwrite starts from scratch")
         error = None
         try:
-            probe = Path(tr.save) / f".write_probe.{self.ctx.rank}"
+            probe = save / f".write_probe.{self.ctx.rank}"
             probe.parent.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
             probe.unlink()
@@ -286,24 +309,65 @@ class Trainer:
             if not tr.continue_on_save_error:
                 raise
             self.warn(f"WARNING: {e}; training anyway (train.continue_on_save_error=true)")
-        if tr.load and Path(tr.load).resolve() == Path(tr.save).resolve():
-            return
-        found = ckpt.list_checkpoints(tr.save)
-        if not found:
-            return
+            return tr.load
+        self._lock()
+        found = ckpt.list_checkpoints(save)
+        if tr.overwrite:
+            error = None
+            if self.ctx.rank == 0:
+                try:
+                    ckpt.remove_checkpoints(save)
+                    (save / "metrics.jsonl").unlink(missing_ok=True)
+                except OSError as e:
+                    error = f"train.overwrite=true: cannot delete the checkpoints in {save} ({e})"
+            ckpt.agree(self.ctx, error)
+            if found:
+                self.warn(f"WARNING: train.overwrite=true: deleted the {len(found)} checkpoint(s) "
+                          f"in train.save={tr.save} (newest {found[-1].name}); starting from "
+                          + (f"train.load={tr.load}" if tr.load else "scratch"))
+            return tr.load
+        if loads_save or not found:
+            return tr.load
         try:
             saved = ckpt.read_manifest(found[-1]).get("config", {})
         except ckpt.CheckpointError:
             saved = {}
-        diff = ckpt.config_diff(saved, self.cfg.to_dict(), ignore=("train.load", "train.save"))
+        diff = ckpt.config_diff(saved, self.cfg.to_dict(),
+                                ignore=("train.load", "train.save", "train.overwrite"))
         if diff:
             raise LaunchError(
                 f"train.save={tr.save} holds checkpoints of another run ({found[-1].name}, "
                 f"config differs: {'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}). Set "
-                f"train.load={tr.save} to resume that run on purpose, or choose another train.save")
-        self.warn(f"WARNING: train.save={tr.save} holds checkpoints of a run with the same config "
-                  f"(newest {found[-1].name}) and train.load is not set: starting from scratch, "
-                  "overwriting them as this run saves")
+                f"train.load={tr.save} to resume that run on purpose, train.overwrite=true to "
+                "delete its checkpoints and start from scratch, or choose another train.save")
+        self.log_print_early(
+            f"train.save={tr.save} holds checkpoints of this run (same config, newest "
+            f"{found[-1].name}): resuming from them" + (f", not from train.load={tr.load}"
+                                                        if tr.load else "")
+            + " (train.overwrite=true starts from scratch)")
+        return tr.save
+
+    def _lock(self) -> None:
+        """Rank 0 takes ``train.save``'s RunLock; every rank raises LaunchError if it is held."""
+        error = None
+        if self.ctx.rank == 0:
+            lock = ckpt.RunLock(self.cfg.train.save)
+            try:
+                lock.acquire(lambda msg: print(f"WARNING: {msg}", file=sys.stderr, flush=True))
+                self.lock = lock
+            except (ckpt.CheckpointError, OSError) as e:
+                error = f"train.save={self.cfg.train.save}: {e}"
+        if self.ctx.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise LaunchError(error)
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _load(self, load_dir: str) -> None:
         """Restore everything from ``load_dir``'s latest checkpoint; all ranks fail together.
@@ -452,7 +516,22 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Train to ``train.train_iters`` (or a preemption signal). Collective."""
+        """Train to ``train.train_iters`` (or a preemption signal). Collective.
+
+        A resumed run that already reached ``train.train_iters`` says so and returns at once
+        (nothing is evaluated, logged or saved again).
+        """
+        tr, it = self.cfg.train, self.state.iteration
+        if self.resumed_from is not None and it >= tr.train_iters:
+            self.log.print(f"already complete: {self.resumed_from} is iteration {it} of "
+                           f"train.train_iters={tr.train_iters}, nothing to train (raise "
+                           "train.train_iters to train on, or set train.overwrite=true to start "
+                           "again)")
+            self._release()
+            self.log.close()
+            return {"losses": [], "iteration": it, "train_flops": self.state.train_flops,
+                    "exit_code": EXIT_OK, "skipped_iterations": self.state.skipped_iterations,
+                    "already_complete": True}
         self.preempt.install()
         self.engine.guard.start()
         try:
@@ -461,6 +540,17 @@ class Trainer:
             self.engine.guard.stop()
             self.preempt.restore()
             self.log.close()
+            self._release()
+
+    def _print_header(self) -> None:
+        """The start block (see ``format_header``): parameters counted as the planner does."""
+        from megatron_latentcot.plan import non_embedding_params, total_params
+
+        ctx, vocab = self.ctx, self.engine.vocab
+        params = (total_params(self.cfg, vocab), non_embedding_params(self.cfg, vocab))
+        self.log.print(format_header(self.cfg, params,
+                                     (ctx.tp_size, ctx.pp_size, ctx.dp_size), ctx.device.type,
+                                     self.state.iteration))
 
     def _train(self) -> dict[str, Any]:
         from megatron_latentcot.data.dataset import micro_batches
@@ -469,7 +559,9 @@ class Trainer:
         batch_iter = micro_batches(self.train_ds, self.state.consumed_samples,
                                    tr.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size)
         history: list[float] = []
-        t0, window_flops, window_tokens = time.time(), 0.0, 0
+        self._print_header()
+        start_it, start_time = self.state.iteration, time.time()
+        t0, window_flops, window_tokens = start_time, 0.0, 0
         while self.state.iteration < tr.train_iters:
             step = self.engine.train_step(self._next_microbatches(batch_iter))
             history.append(step["lm_loss"])
@@ -490,7 +582,8 @@ class Trainer:
                          tokens_per_s=window_tokens / dt, tflops=tflops,
                          mfu=tflops / self.peak if self.peak else None,
                          peak_mem_gb=peak_memory_gb(self.ctx.device), s_per_iter=dt / n_iter,
-                         train_flops=self.state.train_flops)
+                         train_flops=self.state.train_flops, elapsed_s=time.time() - start_time)
+                s["eta_s"] = s["elapsed_s"] / (it - start_it) * (tr.train_iters - it)
                 self.log.print(format_line(it, tr.train_iters, s))
                 self.log.log(it, {k: v for k, v in s.items() if v is not None})
                 t0, window_flops, window_tokens = time.time(), 0.0, 0
@@ -507,8 +600,17 @@ class Trainer:
             final = self._eval_and_log()
         if tr.save and self.save_attempted != self.state.iteration:
             self.save()
+        code = EXIT_OK
+        if tr.save and self.last_saved != self.state.iteration:  # continue_on_save_error
+            code = EXIT_FAILURE
+            self.warn(f"ERROR: training reached iteration {self.state.iteration} but its final "
+                      f"checkpoint was not saved (train.continue_on_save_error=true); last good "
+                      f"checkpoint: {self._last_good()}. Exiting with code {code}")
+        last = f"{tr.save}/iter_{self.last_saved:07d}" if self.last_saved is not None else None
+        self.log.print(format_summary(self.cfg, self.state.iteration - start_it,
+                                      time.time() - start_time, last, final))
         return {"losses": history, "iteration": self.state.iteration,
-                "train_flops": self.state.train_flops, "exit_code": EXIT_OK,
+                "train_flops": self.state.train_flops, "exit_code": code,
                 "skipped_iterations": self.state.skipped_iterations, **final}
 
     def _preempted(self, signum: int, history: list[float]) -> dict[str, Any]:

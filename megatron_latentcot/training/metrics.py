@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,22 +28,26 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: Config, enabled: bool, log_dir: Path | None):
+    def __init__(self, cfg: Config, enabled: bool, log_dir: Path | None, iteration: int = 0):
+        """``iteration``: where this run starts. What an earlier attempt logged after it (the
+        iterations a resumed run does again) is dropped, from ``metrics.jsonl`` and from
+        TensorBoard's view, so that each iteration is logged once."""
         self.enabled = enabled
         self.tb = self.wandb = self.jsonl = None
         if not enabled:
             return
-        tb_dir = cfg.train.tensorboard_dir or (str(log_dir / "tensorboard") if log_dir else None)
+        tb_dir = output_paths(cfg).get("tensorboard")
         if tb_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             try:
-                self.tb = SummaryWriter(tb_dir)
+                self.tb = SummaryWriter(tb_dir, purge_step=iteration + 1)
             except OSError as e:
                 self._drop("tb", f"TensorBoard logging to {tb_dir}", e)
         if log_dir is not None:
             try:
                 log_dir.mkdir(parents=True, exist_ok=True)
+                keep_rows_until(log_dir / "metrics.jsonl", iteration)
                 self.jsonl = open(log_dir / "metrics.jsonl", "a")  # noqa: SIM115
             except OSError as e:
                 self._drop("jsonl", f"{log_dir / 'metrics.jsonl'}", e)
@@ -96,7 +101,94 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def keep_rows_until(path: Path, iteration: int) -> None:
+    """Rewrite ``path`` (atomically) without its rows past ``iteration`` and without lines cut
+    by a kill; untouched when there is nothing to drop."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int) \
+                and row["iteration"] <= iteration:
+            kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def hms(seconds: float) -> str:
+    """``H:MM:SS``: elapsed times and ETAs in the console."""
+    t = max(0, round(seconds))
+    return f"{t // 3600}:{t % 3600 // 60:02d}:{t % 60:02d}"
+
+
+def output_paths(cfg: Config) -> dict[str, str]:
+    """What a run writes where (the start block, the summary and ``MetricsLogger`` agree)."""
+    tr, out = cfg.train, {}
+    if tr.save:
+        out["checkpoints"] = tr.save
+        out["metrics"] = str(Path(tr.save) / "metrics.jsonl")
+    tb = tr.tensorboard_dir or (str(Path(tr.save) / "tensorboard") if tr.save else None)
+    if tb:
+        out["tensorboard"] = tb
+    return out
+
+
+def format_header(cfg: Config, params: tuple[int, int], layout: tuple[int, int, int],
+                  device: str, start_iteration: int) -> str:
+    """The block printed before the first iteration: what trains, how, for how long, and where
+    its outputs go, so a user can check the run before waiting for it. ``params``: (all,
+    without embeddings)."""
+    m, tr, lat = cfg.model, cfg.train, cfg.latent
+    tp, pp, dp = layout
+    tokens = tr.global_batch_size * cfg.data.seq_length
+    steps = f", max_steps {lat.max_steps}" if lat.method != "vanilla" else ""
+    lines = [f"== pretraining: {lat.method}{steps} Llama, {params[0]:,} parameters "
+             f"({params[1]:,} without embeddings; hidden {m.hidden_size}, {m.num_layers} layers)",
+             f"   layout      TP{tp} x PP{pp} x DP{dp} = {tp * pp * dp} process(es) on {device}, "
+             f"{tr.precision}",
+             f"   batch       {tr.global_batch_size} x {cfg.data.seq_length} = {tokens:,} tokens per "
+             f"iteration; {tr.train_iters} iterations = {tokens * tr.train_iters:,} tokens"]
+    if start_iteration:
+        lines.append(f"   resumed     at iteration {start_iteration}")
+    paths = output_paths(cfg)
+    if not paths:
+        lines.append("   outputs     none (train.save is not set: nothing is saved)")
+    for name, path in paths.items():
+        lines.append(f"   {name:<11s} {path}")
+    return "\n".join(lines)
+
+
+def format_summary(cfg: Config, iterations: int, seconds: float, checkpoint: str | None,
+                   results: dict[str, float]) -> str:
+    """The block printed at the end: how it went, where everything is, and what to run next."""
+    tr = cfg.train
+    tokens = tr.eval_iters * tr.global_batch_size * cfg.data.seq_length
+    lines = [f"== done: {iterations} iterations in {hms(seconds)}"]
+    for split in ("valid", "heldout"):
+        if f"{split}_ppl" in results:
+            lines.append(f"   {split:<11s} perplexity {results[f'{split}_ppl']:.2f} "
+                         f"({tokens:,} sampled tokens)")
+    lines.append(f"   checkpoint  {checkpoint or 'none saved'}")
+    lines += [f"   {name:<11s} {path}" for name, path in output_paths(cfg).items()
+              if name != "checkpoints"]
+    if checkpoint:
+        run = shlex.quote(tr.save)
+        lines += [f"   next        python tools/generate.py {run} --prompt \"The\" --max-new-tokens 40",
+                  f"               python tools/evaluate.py {run} --max-tokens 65536   "
+                  "# the first 65,536 tokens of each set, as the README's table"]
+    return "\n".join(lines)
+
+
 def format_line(it: int, total: int, s: dict[str, Any]) -> str:
+    """One log line; ``elapsed_s``/``eta_s`` (this process's time, the rest at its mean pace)
+    end it when given."""
     mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a"
     line = (f"iter {it:>6d}/{total} | tokens {int(s['consumed_tokens']):>10d} | "
             f"loss {s['lm_loss']:.4f} | lr {s['lr']:.3e} | grad_norm {s['grad_norm']:.3f} | "
@@ -107,4 +199,6 @@ def format_line(it: int, total: int, s: dict[str, Any]) -> str:
         line += f" | steps {s['mean_steps']:.2f} | active " + "/".join(f"{f:.2f}" for f in fracs)
     if "adaptive_loss" in s:
         line += f" | L_adapt {s['adaptive_loss']:.4f} | gate {s['gate_mean']:.2f}±{s['gate_std']:.2f}"
+    if "elapsed_s" in s:
+        line += f" | {100 * it / total:.0f}% | elapsed {hms(s['elapsed_s'])} | ETA {hms(s['eta_s'])}"
     return line

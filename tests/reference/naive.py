@@ -313,12 +313,13 @@ def pondering(
 ) -> dict[str, torch.Tensor]:
     """METHOD.md 'pondering' (K = max_steps passes), conventions of the test brief.
 
-    Pass 1 input e_t; pass j+1 input e_t + softmax(norm(h_j) @ lm_head.T)_t @ (E * mult);
+    Pass 1 input e_t; pass j+1 input e_t + softmax(norm(h_j) @ lm_head.T)_t @ (E * sqrt(d))
+    (the [prior] formula: sqrt(hidden size), whatever the token embeddings' multiplier);
     independent causal passes; logits = norm(h_K) @ lm_head.T.
     """
     e = _embed_all(params, cfg, tokens)
     w_out = lm_head_weight(params, cfg)
-    e_mat = params["embed_tokens.weight"] * cfg.embedding_multiplier
+    e_mat = params["embed_tokens.weight"] * math.sqrt(cfg.hidden_size)
     h = causal_forward(params, cfg, e, doc_ids)
     for _ in range(cfg.max_steps - 1):
         probs = torch.softmax(final_norm(params, cfg, h) @ w_out.T, dim=-1)
