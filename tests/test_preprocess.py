@@ -545,10 +545,11 @@ def test_peak_memory_flat_when_the_corpus_grows(tmp_path):
     peaks = []
     for n in (1200, 4800):  # 1.7 MB already fills the pipeline (2 * workers + 2 chunks)
         (tmp_path / f"in{n}.jsonl").write_text(line * n)
-        code = ("import resource, sys\nfrom tools.preprocess_data import main\n"
-                f"rc = main(['--input', {str(tmp_path / f'in{n}.jsonl')!r}, '--output-prefix', "
-                f"{str(tmp_path / f'o{n}')!r}, '--tokenizer-type', 'sentencepiece', "
-                f"'--tokenizer-model', {str(GOLDEN / 'sotu_bpe1k.model')!r}, '--workers', '2'])\n"
+        code = ("import resource, sys\nfrom tools.preprocess_data import main\n"  # as the CLI
+                f"sys.argv[1:] = ['--input', {str(tmp_path / f'in{n}.jsonl')!r}, "
+                f"'--output-prefix', {str(tmp_path / f'o{n}')!r}, '--tokenizer-type', "
+                f"'sentencepiece', '--tokenizer-model', {str(GOLDEN / 'sotu_bpe1k.model')!r}, "
+                "'--workers', '2']\nrc = main()\n"
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
         proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
                               capture_output=True, text=True, timeout=300)

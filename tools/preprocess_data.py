@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (errors print one line, status 1)."""
     args = parse_args(argv)
-    pin_malloc_mmap_threshold()
+    if argv is None:  # a process of its own: tune its allocator (library callers keep theirs)
+        pin_malloc_mmap_threshold()
     # HF tokenizers encode batches on a process-wide pool: size it to --workers before its
     # first use (sentencepiece takes the thread count per call).
     rayon = "RAYON_NUM_THREADS" not in os.environ

@@ -32,6 +32,11 @@ except ModuleNotFoundError as e:  # say which extra, not only which module
         raise SystemExit(_hint) from None
     raise ModuleNotFoundError(_hint, name=e.name) from None
 
+if __name__ == "__main__":  # ``python -m``: run with the package module's class, registered once
+    from megatron_latentcot.eval.lm_eval import main as _main
+
+    raise SystemExit(_main())
+
 from megatron_latentcot.eval.lambada import encode_pair
 from megatron_latentcot.eval.scoring import Window, score_windows
 from megatron_latentcot.inference.decoder import IncrementalDecoder
@@ -165,6 +170,3 @@ def main() -> None:
 
     cli_evaluate()
 
-
-if __name__ == "__main__":
-    main()
