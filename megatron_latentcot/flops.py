@@ -38,17 +38,24 @@ def vanilla_train_flops(m: ModelConfig, vocab: int, rows: int, seq: int) -> int:
     return 3 * forward_flops(m, vocab, tokens, causal_pairs(rows, seq), tokens)
 
 
-def latent_train_flops(m: ModelConfig, vocab: int, step_tokens: list[int], step_pairs: list[int],
-                       head_tokens: int, ptarget_tokens: int = 0, router_tokens: int = 0) -> int:
-    """Forward + backward of a latent-loop micro-batch from its per-step counts.
+def latent_forward_flops(m: ModelConfig, vocab: int, step_tokens: list[int],
+                         step_pairs: list[int], head_tokens: int, router_tokens: int = 0) -> int:
+    """One forward of a latent-loop micro-batch from its per-step counts.
 
     ``step_tokens[k]`` slots ran step k+1 with ``step_pairs[k]`` visible attention pairs; the
-    LM head ran once on ``head_tokens`` (z^f); the per-step p_target head (forward only, no
-    gradient) on ``ptarget_tokens``; the router (one output) on ``router_tokens``.
+    LM head ran on ``head_tokens`` (z^f); the router (one output) on ``router_tokens``.
     """
     layers = sum(m.num_layers * (layer_matmul_flops_per_token(m) * n + attention_flops(m, p))
                  for n, p in zip(step_tokens, step_pairs))
-    forward = layers + 2 * m.hidden_size * (vocab * head_tokens + router_tokens)
+    return layers + 2 * m.hidden_size * (vocab * head_tokens + router_tokens)
+
+
+def latent_train_flops(m: ModelConfig, vocab: int, step_tokens: list[int], step_pairs: list[int],
+                       head_tokens: int, ptarget_tokens: int = 0, router_tokens: int = 0) -> int:
+    """Forward + backward of a latent-loop micro-batch (:func:`latent_forward_flops` x 3) plus
+    the per-step p_target head, which runs forward only, without gradient, on
+    ``ptarget_tokens``."""
+    forward = latent_forward_flops(m, vocab, step_tokens, step_pairs, head_tokens, router_tokens)
     return 3 * forward + 2 * m.hidden_size * vocab * ptarget_tokens
 
 
