@@ -4,7 +4,7 @@ setup(
     name="megatron-latentcot",
     version="0.1.0",
     description="Megatron-style pretraining of Llama models with token-level adaptive latent CoT",
-    packages=find_packages(include=["megatron_latentcot", "megatron_latentcot.*", "tools"]),
+    packages=find_packages(include=["megatron_latentcot", "megatron_latentcot.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
@@ -25,10 +25,10 @@ setup(
     entry_points={
         "console_scripts": [
             "mlc-pretrain=megatron_latentcot.pretrain:main",
-            "mlc-preprocess-data=tools.preprocess_data:main",
-            "mlc-merge-datasets=tools.merge_datasets:main",
-            "mlc-train-tokenizer=tools.train_tokenizer:main",
-            "mlc-prepare-corpus=tools.prepare_corpus:main",
+            "mlc-preprocess-data=megatron_latentcot.cli.preprocess_data:main",
+            "mlc-merge-datasets=megatron_latentcot.cli.merge_datasets:main",
+            "mlc-train-tokenizer=megatron_latentcot.cli.train_tokenizer:main",
+            "mlc-prepare-corpus=megatron_latentcot.cli.prepare_corpus:main",
         ],
     },
 )

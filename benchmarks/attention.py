@@ -45,14 +45,14 @@ from benchmarks.common import (
     write_json,
 )
 from megatron_latentcot.config import load_config
-from megatron_latentcot.flops import attention_flops, layer_matmul_flops_per_token
+from megatron_latentcot.flops import PEAK_TFLOPS, attention_flops, layer_matmul_flops_per_token
 from megatron_latentcot.model import attention as attn
 from megatron_latentcot.model.attention import AttentionPlan, causal_plan, latent_plan, visible_pairs
 
 FRACTIONS = (1.0, 0.9, 0.6, 0.3)
 SHAPES = [("410m", 2048, 4), ("410m", 2048, 8), ("1.4b", 2048, 2), ("1.4b", 4096, 4),
           ("7b", 4096, 2), ("7b", 4096, 8)]
-GPU_FLOPS = 0.4 * 989e12  # 40% MFU of an H100/H200's dense bf16 peak
+GPU_FLOPS = 0.4 * PEAK_TFLOPS["H100"] * 1e12  # 40% MFU of an H100/H200's dense bf16 peak
 HBM = 4.8e12  # H200 bytes/s
 DOC_LEN = 512
 

@@ -68,9 +68,9 @@ def _free_port() -> int:
 
 def prepare_data(workdir: Path, documents: int = 40) -> dict[str, str]:
     """Indexed train (first ``documents`` addresses) and validation sets + the tokenizer."""
+    from megatron_latentcot.cli.preprocess_data import main as preprocess
     from megatron_latentcot.data.corpus import default_cache_dir, prepare_corpus
-    from tools.preprocess_data import main as preprocess
-    from tools.train_tokenizer import train_sentencepiece
+    from megatron_latentcot.data.tokenizer_training import train_sentencepiece
 
     cache = default_cache_dir()
     corpus = prepare_corpus(cache)

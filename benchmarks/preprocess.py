@@ -92,7 +92,7 @@ def build_input(cache: Path, nlp_tarball: Path | None) -> Path:
 
 def build_tokenizer_model(cache: Path) -> Path:
     from megatron_latentcot.data.corpus import prepare_corpus
-    from tools.train_tokenizer import train_sentencepiece
+    from megatron_latentcot.data.tokenizer_training import train_sentencepiece
 
     prefix = cache / "bench" / "sotu_bpe8192"
     model = Path(f"{prefix}.model")

@@ -45,6 +45,18 @@ class ModelConfig:
     # Token embeddings are multiplied by this. None = sqrt(2.5 * hidden_size), which puts them
     # on the scale of the final-norm hidden states that latent steps feed back.
     embedding_multiplier: float | None = 1.0
+    # RoPE frequency scaling as in transformers: None, "linear" (inv_freq / factor) or "llama3"
+    # (Llama-3.1's: low frequencies / factor, high kept, smooth in between). The rope_* fields
+    # below are its parameters (null when unused; set together by tools/import_hf.py).
+    rope_scaling: str | None = None
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_position_embeddings: int | None = None
+    # Logits of embedding rows >= this are -inf: the rows an imported vocabulary was padded with
+    # (to the TP multiple) are never predicted, so the loss equals the source model's. None =
+    # every row is predicted (from scratch, padding rows learn to be unlikely, as in Megatron).
+    predicted_vocab_size: int | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -78,6 +90,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Layers per pipeline stage; None = an even split.
     pipeline_layers: list[int] | None = None
+    # Order of micro-batch units on each stage (training/schedules.py): "1f1b" (activations of
+    # at most K x PP - stage (micro-batch, step) units alive, whatever the number of
+    # micro-batches) or "gpipe" (every forward, then every backward: all alive).
+    pipeline_schedule: str = "1f1b"
     # Optimizer-state sharding over the data-parallel group: "fsdp2" (ZeRO via FSDP2) or "none".
     zero: str = "fsdp2"
     backend: str = "auto"  # "auto" (nccl with CUDA, else gloo), "nccl" or "gloo"
@@ -119,7 +135,9 @@ class TrainConfig:
     clip_grad: float = 1.0  # 0 disables clipping
     decay_norms_and_embeddings: bool = False
     seed: int = 1234
-    precision: str = "fp32"  # "fp32" or "bf16" (bf16 compute, fp32 master weights)
+    # "fp32" or "bf16": bf16 matmuls/attention (autocast; FSDP2 gathers in bf16), fp32 master
+    # weights, gradients, reductions, optimizer state, routing and losses (Megatron's --bf16)
+    precision: str = "fp32"
     recompute: bool = False  # activation recompute per transformer block
     log_interval: int = 10
     eval_interval: int = 50
@@ -127,6 +145,11 @@ class TrainConfig:
     save: str | None = None
     save_interval: int = 0  # 0 = save only at the end
     load: str | None = None
+    # Start a new run (iteration 0, fresh optimizer and schedule) from the weights of a run
+    # directory (e.g. one written by tools/import_hf.py) or a transformers Llama directory.
+    # Parameters the source lacks (router, pause embeddings) keep their usual init. Ignored when
+    # train.save already holds this run's checkpoints (a requeue resumes from those).
+    init_from: str | None = None
     # Checkpoints already in train.save are resumed when their config is this one's (else the
     # run is refused); true deletes them at start and trains from scratch (or train.load).
     overwrite: bool = False
@@ -362,6 +385,11 @@ def validate(cfg: Config) -> None:
     _require(m.init_std is None or m.init_std > 0, "model.init_std: expected > 0 or null")
     _require(m.embedding_multiplier is None or m.embedding_multiplier > 0,
              "model.embedding_multiplier: expected > 0 or null")
+    _check_rope_scaling(m)
+    _require(m.predicted_vocab_size is None or (m.predicted_vocab_size > 0 and (
+        m.vocab_size is None or m.predicted_vocab_size <= m.vocab_size)),
+        f"model.predicted_vocab_size ({m.predicted_vocab_size}): expected null or in "
+        f"[1, model.vocab_size ({m.vocab_size})]")
 
     _require(lat.method in METHODS, f"latent.method: expected one of {METHODS}, got {lat.method!r}")
     _require(lat.max_steps >= 1, f"latent.max_steps: expected >= 1, got {lat.max_steps}")
@@ -407,6 +435,8 @@ def validate(cfg: Config) -> None:
              or (cfg.train.micro_batch_size * cfg.data.seq_length) % tp == 0,
              f"parallel.sequence_parallel: train.micro_batch_size x data.seq_length must be "
              f"divisible by parallel.tensor_model_parallel_size ({tp})")
+    _require(par.pipeline_schedule in ("1f1b", "gpipe"), "parallel.pipeline_schedule: expected "
+             f"'1f1b' or 'gpipe', got {par.pipeline_schedule!r}")
     _require(par.zero in ("fsdp2", "none"), f"parallel.zero: expected 'fsdp2' or 'none', "
              f"got {par.zero!r}")
     _require(par.backend in ("auto", "nccl", "gloo"),
@@ -452,12 +482,42 @@ def validate(cfg: Config) -> None:
              "train.log_interval > 0, train.eval_interval >= 0, train.eval_iters >= 0")
     _require(tr.save_interval >= 0 and tr.keep_last >= 1,
              "train.save_interval >= 0 and train.keep_last >= 1")
+    _require(not (tr.init_from and tr.load),
+             f"train.init_from ({tr.init_from}) and train.load ({tr.load}): set one (init_from "
+             "starts a new run from weights, load resumes a run)")
     _require(tr.max_skipped_in_a_row >= 0, "train.max_skipped_in_a_row: expected >= 0 (0 = never stop)")
     _require(tr.loss_spike_factor == 0 or tr.loss_spike_factor > 1,
              f"train.loss_spike_factor: expected 0 (off) or > 1, got {tr.loss_spike_factor}")
     _require(tr.loss_spike_window >= 2, "train.loss_spike_window: expected >= 2")
     _require(tr.wandb_mode in ("offline", "online", "disabled"),
              f"train.wandb_mode: expected offline, online or disabled, got {tr.wandb_mode!r}")
+
+
+ROPE_SCALING_FIELDS = {  # rope_scaling -> the rope_* fields it needs
+    None: (),
+    "linear": ("rope_scaling_factor",),
+    "llama3": ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+               "rope_original_max_position_embeddings"),
+}
+_ROPE_PARAMS = ROPE_SCALING_FIELDS["llama3"]
+
+
+def _check_rope_scaling(m: ModelConfig) -> None:
+    """model.rope_scaling names a known scheme and exactly its rope_* fields are set (> 0)."""
+    _require(m.rope_scaling in ROPE_SCALING_FIELDS,
+             f"model.rope_scaling: expected null, 'linear' or 'llama3', got {m.rope_scaling!r}")
+    needed = ROPE_SCALING_FIELDS[m.rope_scaling]
+    for name in _ROPE_PARAMS:
+        value = getattr(m, name)
+        if name in needed:
+            _require(value is not None and value > 0,
+                     f"model.{name}: expected > 0 with model.rope_scaling={m.rope_scaling}")
+        else:
+            _require(value is None, f"model.{name}: must be null with "
+                     f"model.rope_scaling={m.rope_scaling} (it is unused)")
+    if m.rope_scaling == "llama3":
+        _require(m.rope_high_freq_factor > m.rope_low_freq_factor,
+                 "model.rope_high_freq_factor must exceed model.rope_low_freq_factor")
 
 
 def parse_split(split: str) -> tuple[float, float, float]:

@@ -19,10 +19,13 @@ Everything follows the code, not a textbook formula:
   backend, the gathered keys and the dense (queries x cached keys) mask; for ``flex``, the
   per-row copies of Q/K/V/output at whole-block widths and one block mask per pass as built
   (``model.attention.flex_mask_bytes``: integers per block, MiB where a dense mask is GiB).
-  Recompute keeps block inputs and the K/V caches the next step reads. The GPipe schedule keeps
-  every micro-batch of an iteration alive when PP > 1. The ``sdpa`` terms are checked against
-  what autograd saves on CPU (tests/test_plan.py); flex's saved tensors cannot be (no backward
-  on CPU), its block masks and K/V row widths are checked against a real flex forward.
+  Recompute keeps block inputs and the K/V caches the next step reads. Under PP the peak is
+  priced on the pipeline schedule itself (``training/schedules.py``): the largest set of
+  (micro-batch, step) units alive on a stage as a backward starts, each at its own step's
+  bytes -- K PP - s units (PP - s/K micro-batches' worth) under ``1f1b``, all M under ``gpipe``.
+  The ``sdpa`` terms are checked against what autograd saves on CPU (tests/test_plan.py);
+  flex's saved tensors cannot be (no backward on CPU), its block masks and K/V row widths are
+  checked against a real flex forward.
 - **FLOPs**: :mod:`megatron_latentcot.flops` on the step profile (default: every token runs
   K_max steps, the upper bound), plus the paper's 6 N per (token, pass) convention.
 - **Time**: FLOPs per iteration / (GPUs x peak x MFU).
@@ -37,8 +40,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from megatron_latentcot import flops
 from megatron_latentcot.config import Config, ConfigError, layout_refusal, load_config
-from megatron_latentcot.flops import PEAK_TFLOPS, causal_pairs, latent_train_flops
 
 GiB = 2**30
 FP32 = 4
@@ -218,8 +221,9 @@ def step_profile(cfg: Config, rows: int, fractions: list[float] | None = None) -
 
 
 def _norm(n: float, dm: Dims) -> float:
-    """RMSNorm + the following linear's saved input: x, x*rstd, output (fp32) and rstd."""
-    return (3 * dm.h * FP32 + FP32) * n / dm.sp
+    """RMSNorm + the following linear's saved input: x, x*rstd (fp32), rstd, and the output
+    as the linear saves it (cast to bf16 under autocast, model.llama._AutocastCast)."""
+    return ((2 * FP32 + dm.a) * dm.h + FP32) * n / dm.sp
 
 
 def layer_step_bytes(step: Step, dm: Dims, backend: str, rows: int, doc_mask: bool) -> float:
@@ -296,6 +300,7 @@ class ActivationEstimate:
     head: float  # embedding ids, final norms, router, LM head and loss
     loss_transient: float  # start of backward: log-softmax gradient and its input gradient
     recompute_transient: float  # recompute: one block rebuilt + its gradient buffers
+    per_step: list[float] = field(default_factory=list)  # ``layers`` split by step (pipeline units)
 
     @property
     def saved(self) -> float:
@@ -327,14 +332,20 @@ def activation_bytes(cfg: Config, vocab: int, tp: int, pp_rank: int, rows: int,
         elif doc_mask:
             mask += dm.a * rows * s.width_q * s.width_k
     rebuild = 0.0
+    step_shared = [step_shared_bytes(s, dm, backend, rows) for s in steps]
     if recompute:  # each block keeps its input; K/V of a step stay alive for the next step
         kept_cache = _cache_kept(steps, dm)
+        kept = [_cache_kept(steps[:i + 2], dm) - _cache_kept(steps[:i + 1], dm)
+                for i in range(len(steps))]  # what step i + 1 adds to the kept caches
+        per_step = [n_layers * (FP32 * dm.h * s.n / dm.sp + c) + sh
+                    for s, c, sh in zip(steps, kept, step_shared, strict=True)]
         layers = n_layers * (sum(FP32 * dm.h * s.n / dm.sp for s in steps) + kept_cache) + shared
         cache, mask = n_layers * kept_cache, flex_masks
         widest = max(s.n for s in steps)
         # one block's saved tensors rebuilt, plus the residual stream's gradients
         rebuild = max(per_layer) + 2 * FP32 * dm.h * widest / dm.sp
     else:
+        per_step = [n_layers * b + sh for b, sh in zip(per_layer, step_shared, strict=True)]
         layers = n_layers * sum(per_layer) + shared
         cache, mask = n_layers * cache, n_layers * mask + flex_masks
     n = rows * data.seq_length
@@ -367,7 +378,32 @@ def activation_bytes(cfg: Config, vocab: int, tp: int, pp_rank: int, rows: int,
         head += FP32 * n * vocab_local  # log-softmax (or exp) of the logits, fp32
         loss = 2 * FP32 * n * vocab_local  # its gradient and the logits' gradient, fp32
     return ActivationEstimate(layers=layers, latent_cache=cache, attention_mask=mask, head=head,
-                              loss_transient=loss, recompute_transient=rebuild)
+                              loss_transient=loss, recompute_transient=rebuild, per_step=per_step)
+
+
+def pipeline_units(cfg: Config) -> int:
+    """Units (steps) one micro-batch runs through a stage under PP: K for the latent loop and
+    looped (``latent_pipeline.py``), 1 for one-pass models (``pipeline.py``)."""
+    lat = cfg.latent
+    if lat.method == "vanilla" or lat.max_steps == 1 or lat.method in ("pause", "pondering"):
+        return 1
+    return lat.max_steps
+
+
+def scheduled_activations(cfg: Config, act: ActivationEstimate, pp: int, micro: int,
+                          pp_rank: int) -> tuple[float, int]:
+    """(Peak activation bytes, micro-batches with a live unit) of stage ``pp_rank`` under
+    ``parallel.pipeline_schedule``: each live (micro-batch, step) unit at its step's bytes (the
+    head and loss with the last step: they live from its forward to the backward's start)."""
+    from megatron_latentcot.training import schedules
+
+    if pp == 1:
+        return act.saved, 1
+    k = pipeline_units(cfg)
+    cost = list(act.per_step) if k > 1 else [act.layers]
+    cost += [0.0] * (k - len(cost))  # (adaptive fractions can end the profile early)
+    cost[-1] += act.head
+    return schedules.peak_live(cfg.parallel.pipeline_schedule, pp, k, micro, pp_rank, cost)
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -384,7 +420,7 @@ class StageMemory:
     params_shard: int  # after FSDP2 sharding over DP (the largest shard)
     terms: dict[str, float]
     activation: ActivationEstimate
-    inflight_microbatches: int
+    inflight_microbatches: float  # activations alive at the peak, in micro-batches' worth
     peak_backward: float
     peak_optimizer: float
 
@@ -403,9 +439,10 @@ def stage_memory(cfg: Config, vocab: int, layout: Layout, pp_rank: int,
     sharded = cfg.parallel.zero == "fsdp2" and layout.dp > 1
     shard = sum(fsdp_shard_numel(s, layout.dp if sharded else 1) for s in shapes.values())
     num_micro = max(1, tr.global_batch_size // max(1, tr.micro_batch_size * layout.dp))
-    inflight = num_micro if layout.pp > 1 else 1
     act = activation_bytes(cfg, vocab, layout.tp, pp_rank, tr.micro_batch_size, fractions,
                            recompute)
+    acts, live = scheduled_activations(cfg, act, layout.pp, num_micro, pp_rank)
+    inflight = acts / act.saved if act.saved else 0.0
     head_params = sum(numel(s) for k, s in shapes.items()
                       if k.startswith(("norm.", "lm_head.", "router.")))
     weights, states, grads = FP32 * shard, 2 * FP32 * shard, FP32 * shard
@@ -413,7 +450,6 @@ def stage_memory(cfg: Config, vocab: int, layout: Layout, pp_rank: int,
     # Gradients alive during backward: accumulated from earlier micro-batches (FSDP2 keeps them
     # unsharded while gradient sync is off), else only the head's, produced first.
     accumulated = FP32 * local if num_micro > 1 else FP32 * head_params
-    acts = inflight * act.saved
     working = max(act.loss_transient, act.recompute_transient + FP32 * head_params)
     terms = {
         "weights fp32 (ZeRO shard)": weights,
@@ -421,7 +457,7 @@ def stage_memory(cfg: Config, vocab: int, layout: Layout, pp_rank: int,
         "gradients fp32 (ZeRO shard; optimizer step)": grads,
         "weights fp32 gathered by FSDP2 (fwd + bwd)": gathered,
         "gradients fp32 alive during backward": accumulated,
-        f"activations x {inflight} micro-batch(es)": acts,
+        f"activations x {inflight:.3g} micro-batch(es) [{live} live]": acts,
         "backward working set": working,
     }
     peak_backward = weights + states + gathered + accumulated + acts + working
@@ -432,38 +468,35 @@ def stage_memory(cfg: Config, vocab: int, layout: Layout, pp_rank: int,
 
 # -- FLOPs and time ----------------------------------------------------------------------------
 
+def flops_counts(cfg: Config, fractions: list[float] | None = None) -> flops.StepCounts:
+    """flops.py's counts of one sequence of this config at the step profile: ``fractions[k]``
+    the share of tokens running step k+1 (adaptive only; default all K_max, the worst case)."""
+    lat = cfg.latent
+    k = 1 if lat.method == "vanilla" else lat.max_steps
+    dist = None
+    if lat.method == "adaptive":
+        if fractions is not None and len(fractions) != k:
+            raise ConfigError(f"--active-fractions: expected {k} values (latent.max_steps), "
+                              f"got {len(fractions)}")
+        dist = flops.last_step_dist(fractions or [1.0] * k)
+    return flops.method_counts(lat.method, cfg.data.seq_length, k, dist,
+                               ptarget=lat.adaptive_loss_weight > 0)
+
+
 def train_flops_per_token(cfg: Config, vocab: int, fractions: list[float] | None = None,
                           rows: int = 1) -> float:
-    """Exact training FLOPs per token (flops.py), at the step profile (default: worst case)."""
-    m, lat, seq = cfg.model, cfg.latent, cfg.data.seq_length
-    n = rows * seq
-    steps = step_profile(cfg, rows, fractions)
-    if lat.method == "pause":
-        total = latent_train_flops(m, vocab, [steps[0].n], [causal_pairs(rows, seq * lat.max_steps)],
-                                   head_tokens=n)
-    elif lat.method in ("looped", "pondering"):
-        k = len(steps)
-        head = n * (2 * k - 1) if lat.method == "pondering" else n
-        total = latent_train_flops(m, vocab, [n] * k, [causal_pairs(rows, seq)] * k, head_tokens=n
-                                   if lat.method == "looped" else head)
-    else:
-        frac = [s.n / n for s in steps]
-        # a query at (t, k) sees the keys at positions <= t of every executed step <= k
-        pairs = [round(f * sum(frac[:k + 1]) * causal_pairs(rows, seq)) for k, f in enumerate(frac)]
-        cont = sum(s.n for s in steps[1:])
-        adaptive = lat.method == "adaptive"
-        total = latent_train_flops(m, vocab, [s.n for s in steps], pairs, head_tokens=n,
-                                   ptarget_tokens=cont if adaptive and lat.adaptive_loss_weight > 0
-                                   else 0,
-                                   router_tokens=sum(s.n for s in steps[:-1]) if adaptive else 0)
-    return total / n
+    """Exact training FLOPs per token (flops.py), at the step profile (default: worst case).
+
+    Every count is linear in the batch rows, so the value is the same for any ``rows``
+    (accepted so callers can pass their micro-batch size)."""
+    return flops.train_flops_per_token(cfg.model, vocab, flops_counts(cfg, fractions),
+                                       cfg.data.seq_length)
 
 
 def passes_per_token(cfg: Config, fractions: list[float] | None = None) -> float:
     """(token, pass) slots per token: the paper's 6 N convention counts these."""
-    steps = step_profile(cfg, 1, fractions)
-    seq = cfg.data.seq_length
-    return sum(s.n for s in steps) / seq
+    counts = flops_counts(cfg, fractions)
+    return sum(counts.step_tokens) / cfg.data.seq_length
 
 
 @dataclass
@@ -510,7 +543,7 @@ def make_plan(cfg: Config, layout: Layout, vocab: int, gpu: str = "H100",
     fpt = train_flops_per_token(cfg, vocab, fractions)
     passes = passes_per_token(cfg, fractions)
     tokens = tr.global_batch_size * cfg.data.seq_length
-    peak = peak_tflops if peak_tflops is not None else _peak(gpu)
+    peak = flops.peak_tflops(gpu, peak_tflops)
     t_iter = fpt * tokens / (layout.world * peak * 1e12 * mfu) if peak else None
     days = t_iter * tr.train_iters / 86400 if t_iter is not None else None
     problems = []
@@ -526,7 +559,7 @@ def make_plan(cfg: Config, layout: Layout, vocab: int, gpu: str = "H100",
                 total_params=total_params(cfg, vocab),
                 non_embedding_params=non_embedding_params(cfg, vocab), stages=stages,
                 stages_recompute_flip=flipped, flops_per_token=fpt,
-                kaplan_flops_per_token=6.0 * total_params(cfg, vocab) * passes,
+                kaplan_flops_per_token=flops.kaplan_flops_per_token(total_params(cfg, vocab), passes),
                 passes_per_token=passes, tokens_per_iter=tokens, time_per_iter_s=t_iter,
                 train_days=days, micro_batches=max(1, tr.global_batch_size // dp_batch),
                 problems=problems)
@@ -548,13 +581,6 @@ def layout_problems(cfg: Config, layout: Layout) -> list[str]:
     if layout.gpus_per_node and layout.tp > layout.gpus_per_node:
         out.append(f"TP {layout.tp} spans nodes ({layout.gpus_per_node} GPUs per node)")
     return out
-
-
-def _peak(gpu: str) -> float | None:
-    for key, value in PEAK_TFLOPS.items():
-        if key.lower() in gpu.lower():
-            return value
-    return None
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -590,8 +616,11 @@ def report(plan: Plan, cfg: Config) -> str:
     for s in plan.stages:
         lines.append(f"  stage {s.pp_rank}: {s.layers} layers, {s.params_local:,} per TP rank, "
                      f"{s.params_shard:,} per GPU after ZeRO")
+    sched = cfg.parallel.pipeline_schedule
+    alive = "K x PP - stage of them" if sched == "1f1b" else "all of every micro-batch"
     lines.append(f"memory per GPU (GiB; worst case: every token runs all {k_max} step(s)"
-                 f"{', activations of all micro-batches alive (GPipe)' if lay.pp > 1 else ''})")
+                 + (f"; pipeline schedule {sched}: (micro-batch, step) units alive at a stage's "
+                    f"peak, {alive}" if lay.pp > 1 else "") + ")")
     for s, f in zip(plan.stages, plan.stages_recompute_flip):
         lines.append(f"  stage {s.pp_rank}:")
         for name, value in s.terms.items():
@@ -653,7 +682,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world-size", type=int, help="GPUs in all (default TP x PP)")
     p.add_argument("--nodes", type=int, help="nodes (with --gpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node")
-    p.add_argument("--gpu", default="H100", help=f"device for peak TFLOP/s: {', '.join(PEAK_TFLOPS)}")
+    p.add_argument("--gpu", default="H100", help=f"device for peak TFLOP/s: {', '.join(flops.PEAK_TFLOPS)}")
     p.add_argument("--peak-tflops", type=float, help="override the device's dense bf16 peak")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU (GiB)")
     p.add_argument("--reserve-gb", type=float, default=4.0,

@@ -133,7 +133,7 @@ def sp_tokenizer_path(mlc_cache_dir: Path, corpus_paths: CorpusPaths) -> Path:
 
     Retrained only when the train split's hash or the training arguments change.
     """
-    from tools.train_tokenizer import train_sentencepiece
+    from megatron_latentcot.data.tokenizer_training import train_sentencepiece
 
     prefix = mlc_cache_dir / "tokenizers" / f"sotu_bpe{SP_VOCAB_SIZE}"
     model, meta_path = Path(f"{prefix}.model"), Path(f"{prefix}.json")

@@ -32,10 +32,10 @@ TRAIN = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.train_i
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """Good and broken datasets (the golden one) and checkpoints, all small."""
+    from megatron_latentcot.cli.export_hf import export
     from megatron_latentcot.data.indexed import IndexedReader, IndexedWriter
     from megatron_latentcot.data.tokenizer import build_tokenizer
     from megatron_latentcot.inference.loading import load_model
-    from tools.export_hf import export
 
     d = tmp_path_factory.mktemp("cli_errors")
     tok = build_tokenizer("sentencepiece", TOKENIZER)
@@ -142,7 +142,7 @@ def test_failed_save_while_training_stays_exit_1(inputs, tmp_path):
 def _tool(capsys, tool: str, *args: str) -> tuple[int, str]:
     import importlib
 
-    rc = importlib.import_module(f"tools.{tool}").main([*map(str, args)])
+    rc = importlib.import_module(f"megatron_latentcot.cli.{tool}").main([*map(str, args)])
     return rc, capsys.readouterr().err
 
 

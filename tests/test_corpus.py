@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_latentcot.cli import prepare_corpus as prepare_cli
 from megatron_latentcot.data import corpus as corpus_mod
 from megatron_latentcot.data.corpus import (
     EXPECTED_SHA256,
@@ -22,7 +23,6 @@ from megatron_latentcot.data.corpus import (
     read_sotu,
     sha256_file,
 )
-from tools import prepare_corpus as prepare_cli
 
 
 def _docs(path: Path) -> list[dict]:

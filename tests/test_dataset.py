@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_latentcot.cli.preprocess_data import main as preprocess_main
 from megatron_latentcot.config import DataConfig
 from megatron_latentcot.data.dataset import (
     DatasetError,
@@ -20,7 +21,6 @@ from megatron_latentcot.data.dataset import (
     micro_batches,
 )
 from megatron_latentcot.data.indexed import IndexedDatasetError, IndexedReader
-from tools.preprocess_data import main as preprocess_main
 
 SEQ = 64
 

@@ -144,7 +144,7 @@ def test_indexed_dataset_documents(tmp_path):
 
 
 def test_evaluate_tool_writes_json_and_markdown(tmp_path, sp_tokenizer, sp_tokenizer_path):
-    from tools.evaluate import main
+    from megatron_latentcot.cli.evaluate import main
 
     save_world_of_one(tmp_path / "run", ["latent.method=adaptive",
                                          f"data.tokenizer_model={sp_tokenizer_path}"], 4096,
@@ -165,8 +165,8 @@ def test_evaluate_tool_writes_json_and_markdown(tmp_path, sp_tokenizer, sp_token
 
 def test_plot_latent_steps_tool(tmp_path, sp_tokenizer, sp_tokenizer_path):
     require("matplotlib")
+    from megatron_latentcot.cli.plot_latent_steps import main
     from megatron_latentcot.data.corpus import read_jsonl_texts
-    from tools.plot_latent_steps import main
 
     save_world_of_one(tmp_path / "run", ["latent.method=adaptive",
                                          f"data.tokenizer_model={sp_tokenizer_path}"], 4096,

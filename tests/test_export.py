@@ -97,8 +97,8 @@ def test_four_rank_checkpoints_are_gathered(tmp_path, layout):
 def test_vanilla_export_loads_in_transformers_with_equal_logits(tmp_path, multiplier, tie):
     from tests.conftest import require
     transformers = require("transformers")
+    from megatron_latentcot.cli.export_hf import main as export_main
     from megatron_latentcot.inference.decoder import training_forward
-    from tools.export_hf import main as export_main
 
     overrides = [f"model.vocab_size={VOCAB}", f"model.embedding_multiplier={multiplier}",
                  f"model.tie_embeddings={str(tie).lower()}", "model.init_std=0.05"]
@@ -116,9 +116,9 @@ def test_vanilla_export_loads_in_transformers_with_equal_logits(tmp_path, multip
 
 
 def test_latent_export_round_trip(tmp_path, sp_tokenizer, sp_tokenizer_path):
+    from megatron_latentcot.cli.export_hf import main as export_main
     from megatron_latentcot.inference.decoder import training_forward
     from megatron_latentcot.inference.loading import load_model
-    from tools.export_hf import main as export_main
 
     overrides = ["latent.method=adaptive", f"data.tokenizer_model={sp_tokenizer_path}"]
     save_world_of_one(tmp_path / "run", overrides, 4096, sp_tokenizer)

@@ -339,7 +339,7 @@ def _tiny_yaml(tmp_path: Path) -> Path:
 
 
 def test_analytic_tiny_config_equals_scheduler(ctx, tmp_path):
-    from tools.compare_flops import main
+    from megatron_latentcot.cli.compare_flops import main
 
     assert main(["--analytic", "--config", str(_tiny_yaml(tmp_path)), "--steps-dist", "0,0,0,1",
                  "--steps-dist", "1,0,0,0", "--steps-dist", "0.2,0.3,0.3,0.2", "--tokens", "1000",
@@ -384,7 +384,7 @@ def test_analytic_tiny_config_equals_scheduler(ctx, tmp_path):
 
 def test_expected_latent_pairs_match_random_halting():
     """The tool's expected per-step tokens and pairs vs exact counts on random halting."""
-    from tools.compare_flops import latent_counts
+    from megatron_latentcot.flops import latent_counts
 
     dist, rows, seq = [0.2, 0.3, 0.3, 0.2], 400, 16
     g = torch.Generator().manual_seed(0)
@@ -401,7 +401,7 @@ def test_expected_latent_pairs_match_random_halting():
 
 
 def test_presets_have_paper_sizes(tmp_path):
-    from tools.compare_flops import main
+    from megatron_latentcot.cli.compare_flops import main
 
     assert main(["--analytic", "--out-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "flops_table.json").read_text())["rows"]
@@ -444,7 +444,7 @@ def _write_run(root: Path, name: str, method: str, flops_per_iter: float, mean_s
 
 
 def test_run_mode_table_and_plots(tmp_path, capsys):
-    from tools.compare_flops import main
+    from megatron_latentcot.cli.compare_flops import main
 
     a = _write_run(tmp_path, "van", "vanilla", 1e12, [1.0, 1.0], [400.0, 200.0], latest=True)
     b = _write_run(tmp_path, "ada", "adaptive", 2.5e12, [2.4, 2.6], [380.0, 150.0], latest=False)
@@ -484,10 +484,41 @@ def test_run_mode_table_and_plots(tmp_path, capsys):
 
 
 def test_run_mode_reports_missing_manifest(tmp_path, capsys):
-    from tools.compare_flops import main
+    from megatron_latentcot.cli.compare_flops import main
 
     run = tmp_path / "bare"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"split": "train", "iteration": 1}\n')
     assert main(["--runs", str(run), "--out-dir", str(tmp_path / "out")]) == 1
     assert "no iter_*/manifest.json" in capsys.readouterr().err
+
+
+# -- peak table -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 PCIe", 756.0),  # matched before the SXM part's "H100"
+    ("NVIDIA H100 80GB HBM3", 989.0),  # SXM
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("nvidia l40s", 362.0),  # any case
+    ("cpu", None),
+])
+def test_peak_table_matches_the_device_name(name, peak):
+    from megatron_latentcot.flops import peak_tflops
+
+    assert peak_tflops(name, None) == peak
+    assert peak_tflops(name, 123.0) == 123.0  # the override wins
+
+
+def test_planner_uses_the_same_peak_table():
+    from megatron_latentcot import plan
+    from megatron_latentcot.config import load_config
+
+    cfg = load_config(None, BASE)
+    for gpu, peak in (("H100 PCIe", 756.0), ("H100", 989.0)):
+        p = plan.make_plan(cfg, plan.make_layout(cfg), VOCAB, gpu=gpu, mfu=0.5)
+        tokens = cfg.train.global_batch_size * SEQ
+        assert p.time_per_iter_s == pytest.approx(p.flops_per_token * tokens / (peak * 1e12 * 0.5))

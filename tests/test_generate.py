@@ -1,9 +1,9 @@
 """Incremental decoding equals the training forward, for every method (float64).
 
-The training forward (``LatentStepScheduler.forward``, its logits observed on ``stage.logits``)
-is teacher-forced over whole sequences; the decoder appends the same tokens one at a time (or
-in chunks, or rows of different lengths at once) over its per-step K/V cache. Logits and
-halting decisions must agree.
+The training forward (the method's step generator on one stage, returning its final logits)
+is teacher-forced over whole sequences; the decoder drives the same generator over the same
+tokens one at a time (or in chunks, or rows of different lengths at once) with its per-step
+K/V cache. Logits, halting decisions and forward FLOPs must agree.
 """
 
 from __future__ import annotations
@@ -82,6 +82,21 @@ def test_step_by_step_decoding_equals_training_forward(method):
         assert (tf.steps == 1).all()
     else:
         assert (tf.steps == 4).all()
+
+
+def test_uncompacted_decoding_hides_the_dead_rows_keys():
+    """latent.compact=false: halted tokens' rows keep running but are dead; their K/V, cached
+    across calls, stay invisible (the streams' live tags) as in the training forward."""
+    from megatron_latentcot.inference.decoder import training_forward
+
+    model = build("adaptive", extra=["latent.compact=false"])
+    toks = tokens()
+    tf = training_forward(model.scheduler, toks)
+    assert len(torch.unique(tf.steps)) >= 3
+    for chunks in ([1] * 12, [5, 1, 1, 3, 2]):
+        logits, steps = decode_in_chunks(model, toks, chunks)
+        assert (logits - tf.logits).abs().max().item() < TOL, chunks
+        assert torch.equal(steps, tf.steps), chunks
 
 
 @pytest.mark.parametrize("method", ["adaptive", "pause", "pondering"])
@@ -198,6 +213,36 @@ def test_decoder_flops_match_the_training_count():
     assert step.flops == forward_flops(model.cfg.model, VOCAB, 2, 22, 2)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_decoder_flops_equal_the_training_forward_flops(method):
+    """Prefill, and the one-token calls summed, cost the training forward's forward FLOPs of the
+    same tokens (every query sees the same keys); and the count is the method's own."""
+    from megatron_latentcot.flops import latent_forward_flops, method_counts
+    from megatron_latentcot.inference.decoder import IncrementalDecoder, training_forward
+
+    model = build(method, dtype=torch.float32)
+    toks = tokens(2, 8)
+    tf = training_forward(model.scheduler, toks)
+    expected = model.scheduler.forward_flops(tf.output)
+    dec = IncrementalDecoder(model.stage, model.cfg)
+    dec.reset(2)
+    assert dec.extend(list(toks)).flops == expected
+    dec.reset(2)
+    calls = [dec.extend([row[t:t + 1] for row in toks]) for t in range(8)]
+    assert sum(c.flops for c in calls) == expected
+    # the analytic count of the method's passes and heads (two rows of 8: twice one row's)
+    m, k = model.cfg.model, model.scheduler.max_steps
+
+    def analytic(name: str) -> float:
+        c = method_counts(name, 8, k, dist=[1.0] + [0.0] * (k - 1))
+        return 2 * latent_forward_flops(m, VOCAB, c.step_tokens, c.step_pairs, c.head_tokens)
+
+    if method == "adaptive":  # halting saves more than the router costs
+        assert analytic("vanilla") < expected < analytic("latent_fixed")
+    else:
+        assert expected == analytic(method)
+
+
 def test_max_diff_report():
     """Runs last: every method was compared (the numbers are in the -rA summary)."""
     if len(MAX_DIFF) == len(METHODS):
@@ -211,7 +256,7 @@ def test_generate_tool_on_a_checkpoint(tmp_path, sp_tokenizer, sp_tokenizer_path
     from megatron_latentcot.inference.generate import generate_text
     from megatron_latentcot.inference.loading import load_model
     from tests.inference_utils import save_world_of_one
-    from tools.generate import main
+    from megatron_latentcot.cli.generate import main
 
     save_world_of_one(tmp_path / "run", ["latent.method=adaptive",
                                          f"data.tokenizer_model={sp_tokenizer_path}"], 4096,

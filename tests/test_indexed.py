@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_latentcot.cli.merge_datasets import main as merge_main
+from megatron_latentcot.cli.preprocess_data import main as preprocess_main
 from megatron_latentcot.data.indexed import (
     HEADER_SIZE,
     IndexedDatasetError,
@@ -22,8 +24,6 @@ from megatron_latentcot.data.indexed import (
     read_meta,
     validate_indexed,
 )
-from tools.merge_datasets import main as merge_main
-from tools.preprocess_data import main as preprocess_main
 
 GOLDEN = Path(__file__).parent / "golden"
 

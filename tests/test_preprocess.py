@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_latentcot.cli import preprocess_data
+from megatron_latentcot.cli.preprocess_data import main
 from megatron_latentcot.data import preprocess as engine
 from megatron_latentcot.data.indexed import IndexedReader, read_meta, validate_indexed
 from megatron_latentcot.data.tokenizer import Tokenizer, build_tokenizer
-from tools import preprocess_data
-from tools.preprocess_data import main
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -450,8 +450,8 @@ def test_tool_imports_neither_torch_nor_megatron_core(tmp_path):
     src = _write_lines(tmp_path / "in.jsonl", [GOOD, GOOD])
     code = f"""
 import sys
-from tools.preprocess_data import main
-from tools.merge_datasets import main as merge
+from megatron_latentcot.cli.preprocess_data import main
+from megatron_latentcot.cli.merge_datasets import main as merge
 import megatron_latentcot.data.indexed, megatron_latentcot.config
 args = ["--input", {str(src)!r}, "--tokenizer-type", "sentencepiece", "--tokenizer-model",
         {str(GOLDEN / "sotu_bpe1k.model")!r}, "--append-eod", "--workers", "2"]
@@ -545,7 +545,8 @@ def test_peak_memory_flat_when_the_corpus_grows(tmp_path):
     peaks = []
     for n in (1200, 4800):  # 1.7 MB already fills the pipeline (2 * workers + 2 chunks)
         (tmp_path / f"in{n}.jsonl").write_text(line * n)
-        code = ("import resource, sys\nfrom tools.preprocess_data import main\n"  # as the CLI
+        code = ("import resource, sys\n"  # as the CLI
+                "from megatron_latentcot.cli.preprocess_data import main\n"
                 f"sys.argv[1:] = ['--input', {str(tmp_path / f'in{n}.jsonl')!r}, "
                 f"'--output-prefix', {str(tmp_path / f'o{n}')!r}, '--tokenizer-type', "
                 f"'sentencepiece', '--tokenizer-model', {str(GOLDEN / 'sotu_bpe1k.model')!r}, "

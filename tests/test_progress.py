@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from megatron_latentcot.config import load_config
 from megatron_latentcot.training.metrics import format_header, format_summary, hms
 from tests.test_training import TINY, data_overrides, sotu_data  # noqa: F401  (real-data fixture)
@@ -55,3 +57,93 @@ def test_header_and_summary_cover_resume_and_unsaved_runs():
     assert summary.startswith("== done: 6 iterations in 1:02:05")
     assert "checkpoint  none saved" in summary and "next" not in summary
     assert hms(59.6) == "0:01:00"
+
+
+class _FakeCuda:
+    """A CUDA allocator's peak counter, driven by hand (ThroughputWindow on a 'cuda' device)."""
+
+    def __init__(self) -> None:
+        self.live, self.peak = 0.0, 0.0
+
+    def allocate(self, gib: float) -> None:
+        self.peak = max(self.peak, self.live + gib)
+
+    def reset(self, device=None) -> None:
+        self.peak = self.live
+
+
+def test_throughput_window_counts_only_training_iterations(monkeypatch):
+    """Between iterations (an evaluation, a save) the clock runs 1000 s and memory peaks at
+    50 GiB: neither shows in the window; each window restarts its peak."""
+    import torch
+
+    from megatron_latentcot.training import metrics
+
+    now = [0.0]
+    cuda = _FakeCuda()
+    monkeypatch.setattr(metrics, "reset_peak_memory", lambda device: cuda.reset())
+    monkeypatch.setattr(metrics, "peak_memory_gb", lambda device: cuda.peak)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    window = metrics.ThroughputWindow(torch.device("cuda"), clock=lambda: now[0])
+    for seconds, gib in ((2.0, 3.0), (4.0, 5.0)):
+        window.begin()
+        now[0] += seconds
+        cuda.allocate(gib)
+        window.end(flops=6e12, tokens=1000)
+        now[0] += 1000.0  # evaluation + checkpoint
+        cuda.allocate(50.0)
+    first = window.report(world_size=2, peak_tflops=0.5)
+    assert first["s_per_iter"] == 3.0 and first["tokens_per_s"] == 2000 / 6.0
+    assert first["tflops"] == pytest.approx(12e12 / 6.0 / 1e12 / 2)
+    assert first["mfu"] == pytest.approx(first["tflops"] / 0.5)
+    assert first["peak_mem_gb"] == 5.0 and first["window_iters"] == 2
+    window.begin()
+    now[0] += 1.0
+    cuda.allocate(1.0)
+    window.end(flops=1e12, tokens=10)
+    second = window.report(world_size=1, peak_tflops=None)
+    assert second["s_per_iter"] == 1.0 and second["mfu"] is None
+    assert second["peak_mem_gb"] == 1.0  # not the previous window's 5, nor the eval's 50
+    with pytest.raises(RuntimeError, match="no iteration"):
+        window.report(world_size=1, peak_tflops=None)
+
+
+def test_slow_evaluation_and_save_leave_the_logged_throughput_alone(sotu_data, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
+    """A real run whose evaluations and saves each sleep 0.8 s: every logged window's s/iter
+    stays within 0.25 s of the measured train_step time (the old window included the sleeps)."""
+    import json
+    import time
+
+    from megatron_latentcot.config import load_config
+    from megatron_latentcot.training.loop import Engine, Trainer
+
+    steps: list[float] = []
+    real_step, real_eval, real_save = Engine.train_step, Trainer._eval_and_log, Trainer.save
+
+    def timed_step(self, microbatches):
+        start = time.perf_counter()
+        out = real_step(self, microbatches)
+        steps.append(time.perf_counter() - start)
+        return out
+
+    def slow(fn):
+        def wrapper(self, *args):
+            time.sleep(0.8)
+            return fn(self, *args)
+        return wrapper
+
+    monkeypatch.setattr(Engine, "train_step", timed_step)
+    monkeypatch.setattr(Trainer, "_eval_and_log", slow(real_eval))
+    monkeypatch.setattr(Trainer, "save", slow(real_save))
+    cfg = load_config(None, TINY + data_overrides(sotu_data) + [
+        "train.train_iters=3", "train.log_interval=1", "train.eval_interval=1",
+        "train.eval_iters=1", "train.save_interval=1", f"train.save={tmp_path}"])
+    result = Trainer(cfg).train()
+    assert result["exit_code"] == 0 and len(steps) == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["iteration"] for r in train] == [1, 2, 3]
+    for row, step in zip(train, steps):
+        assert step <= row["s_per_iter"] < step + 0.25, (row["s_per_iter"], step)
+        assert row["tokens_per_s"] == pytest.approx(512 / row["s_per_iter"])

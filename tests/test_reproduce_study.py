@@ -165,7 +165,7 @@ def _recorded() -> dict:
 def test_recorded_arrays_reproduce_the_recorded_analysis():
     """study.json's correlation and gain curves follow from the committed token arrays, and its
     table from the committed per-run JSONs."""
-    from tools.reproduce_study import analyze, load_results, load_tokens
+    from megatron_latentcot.analysis.study import analyze, load_results, load_tokens
 
     study = _recorded()
     results = load_results(RECORDED)
@@ -189,7 +189,7 @@ def test_recorded_arrays_reproduce_the_recorded_analysis():
 # -- the driver --------------------------------------------------------------------------------
 
 def test_plan_same_tokens_and_seed_policy():
-    from tools.reproduce_study import SEEDS, study_plan
+    from megatron_latentcot.analysis.study import SEEDS, study_plan
 
     plan = study_plan(160, "d", "r", deep_layers=12)
     by = {s.name: s for s in plan}
@@ -215,7 +215,7 @@ def test_plan_same_tokens_and_seed_policy():
 
 
 def test_matched_layers_picks_the_closest_depth():
-    from tools.reproduce_study import matched_layers, vanilla_flops_per_token
+    from megatron_latentcot.analysis.study import matched_layers, vanilla_flops_per_token
 
     f = [vanilla_flops_per_token(n, 2048) for n in range(4, 20)]
     assert f == sorted(f) and f[1] - f[0] == pytest.approx(f[2] - f[1])  # linear in depth
@@ -226,7 +226,7 @@ def test_matched_layers_picks_the_closest_depth():
 
 
 def test_finished_runs_are_skipped_and_other_plans_refused(tmp_path):
-    from tools.reproduce_study import StudyError, finished, result_path, study_plan
+    from megatron_latentcot.analysis.study import StudyError, finished, result_path, study_plan
 
     spec = study_plan(160, "d", "r")[0]
     assert not finished(tmp_path, spec)

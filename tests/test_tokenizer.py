@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_latentcot.cli import train_tokenizer
 from megatron_latentcot.data.corpus import read_jsonl_texts
 from megatron_latentcot.data.tokenizer import (
     TOKENIZER_TYPES,
@@ -23,8 +24,7 @@ from megatron_latentcot.data.tokenizer import (
     TokenizerFileNotFoundError,
     build_tokenizer,
 )
-from tools import train_tokenizer
-from tools.train_tokenizer import (
+from megatron_latentcot.data.tokenizer_training import (
     MAX_LINE_BYTES,
     TokenizerTrainingError,
     split_document,

@@ -19,7 +19,7 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads
 @pytest.fixture(scope="module")
 def sotu_data(tmp_path_factory, corpus_paths, sp_tokenizer_path) -> dict[str, str]:
     """40 training addresses and the validation addresses as indexed datasets."""
-    from tools.preprocess_data import main as preprocess
+    from megatron_latentcot.cli.preprocess_data import main as preprocess
 
     out = tmp_path_factory.mktemp("sotu")
     lines = Path(corpus_paths.train).read_text().splitlines()

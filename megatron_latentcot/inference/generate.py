@@ -124,8 +124,7 @@ def generate(decoder: IncrementalDecoder, prompts: Sequence[Sequence[int]],
     if sampling.seed is not None:
         gen = torch.Generator().manual_seed(sampling.seed)
     b = len(prompts)
-    slots = decoder.max_steps if decoder.kind == "pause" else 1
-    limit = decoder.cfg.model.max_position_embeddings // slots
+    limit = decoder.cfg.model.max_position_embeddings // decoder.slots_per_token
     if b and max(map(len, prompts)) + max_new_tokens > limit:
         import warnings
 

@@ -6,71 +6,69 @@
   the expected scaled embedding under pass j's next-token distribution; final pass predicts.
 - ``pause``: K-1 learnable pause embeddings after every token (sequence x K, positions
   0..TK-1); the prediction for token t's target is read at its last pause slot.
+
+Each is a step generator like ``LatentStepScheduler.steps``, over a
+:class:`~megatron_latentcot.model.latent.Feed` (a training micro-batch, or a decoder call over
+the K/V of earlier positions: looped and pondering keep one stream per repeat / pass, pause
+one). Each returns (LM loss, the final logits when asked for, the plan of every run).
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_latentcot.loss import masked_mean, token_cross_entropy, vocab_parallel_softmax
-from megatron_latentcot.model.attention import AttentionPlan, causal_plan
+from megatron_latentcot.loss import vocab_parallel_softmax
+from megatron_latentcot.model.attention import AttentionPlan
 from megatron_latentcot.model.llama import LayerRun, LlamaStage
 
+if TYPE_CHECKING:
+    from megatron_latentcot.model.latent import Feed
 
-def _batch(stage: LlamaStage, mb: dict):
-    tokens = mb["tokens"]
-    rows, seq = tokens.shape
-    positions = torch.arange(seq, device=tokens.device).repeat(rows)
-    return tokens, rows, seq, positions, causal_plan(rows, seq, mb.get("doc_ids"),
-                                                     stage.attention_backend)
+Result = tuple[torch.Tensor, torch.Tensor | None, list[AttentionPlan]]
 
 
-def _lm_loss(stage: LlamaStage, z: torch.Tensor, mb: dict) -> torch.Tensor:
-    ce = token_cross_entropy(stage.logits(z), mb["labels"].reshape(-1))
-    return masked_mean(ce, mb["loss_mask"].reshape(-1))
+def looped(stage: LlamaStage, feed: Feed, repeats: int) -> Generator[LayerRun, torch.Tensor, Result]:
+    """Each repeat is one layer run, so the pipeline can send the last stage's output back to
+    the first (training: the first run's input None is the token embedding)."""
+    slots, seq = feed.slots, feed.seq
+    plan = feed.plan(stage, slots, seq, doc=feed.mb.get("doc_ids"))
+    h = feed.token_input(stage)
+    for j in range(repeats):
+        h = yield feed.run(h, slots, seq, plan, feed.stream(j))
+    return (*feed.head(stage, stage.final_norm(h)), [plan] * repeats)
 
 
-# Each returns (LM loss, the attention plan every pass used); ``looped`` as a step generator.
-
-def looped(stage: LlamaStage, mb: dict,
-           repeats: int) -> Generator[LayerRun, torch.Tensor, tuple[torch.Tensor, AttentionPlan]]:
-    """A step generator (like ``LatentStepScheduler.steps``): each repeat is one layer run, so
-    the pipeline can send the last stage's output back to the first."""
-    tokens, rows, seq, positions, plan = _batch(stage, mb)
-    slots = torch.arange(rows * seq, device=tokens.device)
-    h = None  # the first run embeds the tokens
-    for _ in range(repeats):
-        h = yield LayerRun(h, slots, positions, plan, past=False)
-    return _lm_loss(stage, stage.final_norm(h), mb), plan
-
-
-def pondering(stage: LlamaStage, mb: dict, passes: int):
-    tokens, rows, seq, positions, plan = _batch(stage, mb)
-    e = stage.embed(tokens.reshape(-1))
-    h, _ = stage.run_layers(e, positions, plan)
-    for _ in range(passes - 1):
+def pondering(stage: LlamaStage, feed: Feed, passes: int) -> Generator[LayerRun, torch.Tensor, Result]:
+    slots, seq = feed.slots, feed.seq
+    plan = feed.plan(stage, slots, seq, doc=feed.mb.get("doc_ids"))
+    e = stage.embed(feed.ids)
+    h = yield feed.run(e, slots, seq, plan, feed.stream(0))
+    for j in range(1, passes):
         probs = vocab_parallel_softmax(stage.logits(stage.final_norm(h)))
-        h, _ = stage.run_layers(e + stage.embed_distribution(probs.to(e.dtype)), positions, plan)
-    return _lm_loss(stage, stage.final_norm(h), mb), plan
+        h = yield feed.run(e + stage.embed_distribution(probs.to(e.dtype)), slots, seq, plan,
+                           feed.stream(j))
+    return (*feed.head(stage, stage.final_norm(h)), [plan] * passes)
 
 
-def pause(stage: LlamaStage, mb: dict, slots: int):
-    """``slots`` = K: each token followed by K-1 pause embeddings."""
-    tokens = mb["tokens"]
-    rows, seq = tokens.shape
-    e = stage.embed(tokens.reshape(-1))  # [B*T, 1, H]
-    h_dim = e.shape[-1]
+def pause(stage: LlamaStage, feed: Feed, slots: int) -> Generator[LayerRun, torch.Tensor, Result]:
+    """``slots`` = K: each token followed by K-1 pause embeddings, token t's at grid positions
+    tK..tK+K-1 of a K-times longer sequence."""
+    e = stage.embed(feed.ids)  # [n, 1, H]
+    n, h_dim = e.shape[0], e.shape[-1]
     if slots > 1:
         pauses = stage.pause_vectors(e.dtype)  # [K-1, H]
-        e = torch.cat([e, pauses[None].expand(e.shape[0], -1, -1)], dim=1)  # [B*T, K, H]
-    e = e.reshape(rows * seq * slots, 1, h_dim)
+        e = torch.cat([e, pauses[None].expand(n, -1, -1)], dim=1)  # [n, K, H]
+    e = e.reshape(n * slots, 1, h_dim)
+    seq, new = feed.seq, feed.slots
     long_seq = seq * slots
-    positions = torch.arange(long_seq, device=tokens.device).repeat(rows)
-    doc = mb.get("doc_ids")
+    first = (new // seq) * long_seq + (new % seq) * slots  # each token's own slot
+    long_slots = (first[:, None] + torch.arange(slots, device=new.device)).reshape(-1)
+    doc = feed.mb.get("doc_ids")
     doc = doc.repeat_interleave(slots, dim=1) if doc is not None else None
-    plan = causal_plan(rows, long_seq, doc, stage.attention_backend)
-    h, _ = stage.run_layers(e, positions, plan)
-    z = stage.final_norm(h).view(rows * seq, slots, 1, h_dim)[:, -1]  # last slot of each token
-    return _lm_loss(stage, z, mb), plan
+    plan = feed.plan(stage, long_slots, long_seq, doc=doc)
+    h = yield feed.run(e, long_slots, long_seq, plan, feed.stream(0))
+    z = stage.final_norm(h).view(n, slots, 1, h_dim)[:, -1]  # last slot of each token
+    return (*feed.head(stage, z), [plan])

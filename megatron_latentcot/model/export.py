@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_latentcot.config import ModelConfig
+from megatron_latentcot.config import ROPE_SCALING_FIELDS, ModelConfig
 from megatron_latentcot.model.llama import logical_parameters
 
 
@@ -20,15 +20,28 @@ def logical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")  # logical weights with a row per token
+# Our ModelConfig's RoPE-scaling fields <-> the keys of transformers' rope_scaling dict.
+HF_ROPE_KEYS = {"rope_scaling_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
+                "rope_high_freq_factor": "high_freq_factor",
+                "rope_original_max_position_embeddings": "original_max_position_embeddings"}
+
+
+def hf_name(name: str) -> str:
+    """Our logical weight name -> transformers' (``model.`` prefix, except the LM head)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def logical_name(hf: str) -> str:
+    """The inverse of :func:`hf_name`."""
+    return hf.removeprefix("model.")
+
+
 def to_hf_llama(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
-    """Our logical names -> transformers' ``LlamaForCausalLM`` state dict (router dropped)."""
-    hf = {}
-    for name, t in state.items():
-        if name.startswith("router."):
-            continue
-        hf[name if name.startswith("lm_head.") else f"model.{name}"] = t[:vocab_size] \
-            if name in ("embed_tokens.weight", "lm_head.weight") else t
-    return hf
+    """Our logical names -> transformers' ``LlamaForCausalLM`` state dict (router dropped;
+    vocabulary rows cut to ``vocab_size``, which drops an imported vocabulary's padding)."""
+    return {hf_name(name): t[:vocab_size] if name in VOCAB_ROWS else t
+            for name, t in state.items() if not name.startswith("router.")}
 
 
 def hf_llama_config(m: ModelConfig, vocab_size: int):
@@ -38,12 +51,16 @@ def hf_llama_config(m: ModelConfig, vocab_size: int):
     if (m.embedding_multiplier or 0) != 1.0:
         raise ValueError("HF Llama has no embedding multiplier: export needs "
                          "model.embedding_multiplier = 1.0")
+    scaling = None if m.rope_scaling is None else {
+        "rope_type": m.rope_scaling,
+        **{HF_ROPE_KEYS[f]: getattr(m, f) for f in ROPE_SCALING_FIELDS[m.rope_scaling]}}
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.kv_heads, max_position_embeddings=m.max_position_embeddings,
-        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-        attention_bias=False, mlp_bias=False, head_dim=m.head_dim)
+        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, rope_scaling=scaling,
+        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False,
+        head_dim=m.head_dim)
 
 
 # -- writing exports (single-process logical weights) ------------------------------------------
@@ -70,7 +87,9 @@ def save_hf_llama(state: dict[str, torch.Tensor], m: ModelConfig, vocab_size: in
     """Write ``model.safetensors`` + ``config.json`` that ``LlamaForCausalLM.from_pretrained`` loads.
 
     ``state``: logical weights (:func:`logical_state_dict`); the router, if any, is dropped; the
-    embedding multiplier is folded into untied embeddings.
+    embedding multiplier is folded into untied embeddings; an imported model's vocabulary
+    padding (rows from ``model.predicted_vocab_size`` on) is cut, so import -> export gives back
+    the original tensors.
     """
     import dataclasses
     from pathlib import Path
@@ -80,6 +99,7 @@ def save_hf_llama(state: dict[str, torch.Tensor], m: ModelConfig, vocab_size: in
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folded = fold_embedding_multiplier(state, embedding_multiplier, m.tie_embeddings)
+    vocab_size = m.predicted_vocab_size or vocab_size
     hf = to_hf_llama(folded, vocab_size)
     if m.tie_embeddings:
         hf.pop("lm_head.weight", None)

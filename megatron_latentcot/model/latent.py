@@ -9,7 +9,12 @@ tokens' executed K/V stay visible. ``z^f`` mixes each token's states by their ex
 probabilities; one LM head call on ``z^f`` gives the LM loss. See ../shared/METHOD.md.
 
 Methods: ``vanilla`` (K = 1), ``latent_fixed`` (every token K steps, z^f = z^(K)) and
-``adaptive`` (Router + pruning + correctness-aware loss) share this one loop.
+``adaptive`` (Router + pruning + correctness-aware loss) share this one loop; the baselines'
+step generators are in ``baselines.py``. Every method is a step generator (:meth:`steps`) over
+a :class:`Feed`: a training micro-batch, or a decoder call's new tokens over the K/V cache of
+the rows' earlier positions (:class:`KVStream`, kept by ``inference/decoder.py``). The same
+generator serves training (one stage: :meth:`LatentStepScheduler.drive`; the pipeline:
+``training/latent_pipeline.py``) and incremental decoding.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_latentcot.config import METHODS, Config, ConfigError, check_layout
-from megatron_latentcot.flops import latent_train_flops
+from megatron_latentcot.flops import StepCounts, latent_forward_flops
 from megatron_latentcot.loss import masked_mean, token_cross_entropy
 from megatron_latentcot.model import baselines
 from megatron_latentcot.model.attention import AttentionPlan, causal_plan, latent_plan, visible_pairs
@@ -48,6 +53,155 @@ class LatentOutput:
     records: list[StepRecord] = field(default_factory=list)
     ptarget_tokens: int = 0  # tokens that went through the per-step p_target head
     head_tokens: int | None = None  # LM-head-sized matmuls with gradient (None = one per token)
+    logits: torch.Tensor | None = None  # [N, 1, V/tp] the final logits, when asked for
+
+
+class KVStream:
+    """One chain of layer runs' K/V kept across decoder calls (looped: one per repeat;
+    pondering: one per pass; else one): per layer (keys, values) of every executed slot in the
+    order they ran, each tagged (row, position, step, live) so that later calls, whose grids
+    are wider, can rebuild the 2-D rule over it."""
+
+    def __init__(self) -> None:
+        self.kv: list | None = None  # written by the driver after each run of the stream
+        self.rows: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        self.step: torch.Tensor | None = None
+        self.live: torch.Tensor | None = None
+        self.max_step, self.masked = 0, False  # known on the host: no device sync to ask
+
+    def keys(self, seq: int, step: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Cached keys as slots of a [rows, seq] grid and which a query of ``step`` sees (None:
+        all): executed, and of a step <= ``step``. None when the stream is empty."""
+        if self.rows is None:
+            return None
+        slots = self.rows * seq + self.pos
+        if self.max_step <= step and not self.masked:
+            return slots, None
+        return slots, self.live & (self.step <= step)
+
+    def add(self, slots: torch.Tensor, seq: int, step: int, live: torch.Tensor | None) -> None:
+        """Tag the keys a run of ``slots`` (of a [rows, seq] grid) at ``step`` appends."""
+        self.max_step, self.masked = max(self.max_step, step), self.masked or live is not None
+        tags = (slots // seq, slots % seq, torch.full_like(slots, step),
+                torch.ones_like(slots, dtype=torch.bool) if live is None else live)
+        if self.rows is None:
+            self.rows, self.pos, self.step, self.live = tags
+        else:
+            self.rows, self.pos, self.step, self.live = (
+                torch.cat([a, b]) for a, b in zip((self.rows, self.pos, self.step, self.live), tags))
+
+
+def _cat_live(a: torch.Tensor | None, na: int, b: torch.Tensor | None,
+              nb: int) -> torch.Tensor | None:
+    """The live mask of keys ``a`` then ``b`` (None = all live) of ``na`` and ``nb`` keys."""
+    if a is None and b is None:
+        return None
+    device = (a if a is not None else b).device
+    return torch.cat([torch.ones(na, dtype=torch.bool, device=device) if a is None else a,
+                      torch.ones(nb, dtype=torch.bool, device=device) if b is None else b])
+
+
+def plan_for(rows: int, seq: int, doc: torch.Tensor | None, backend: str, q_slots: torch.Tensor,
+             key_slots: torch.Tensor | None, key_live: torch.Tensor | None) -> AttentionPlan:
+    """Causal over the whole [rows, seq] grid (``key_slots`` None: a first run of every slot),
+    or the 2-D rule for queries ``q_slots`` over the keys ``key_slots`` (in cache order)."""
+    if key_slots is None:
+        return causal_plan(rows, seq, doc, backend)
+    return latent_plan(q_slots, key_slots, key_live, rows, seq,
+                       None if doc is None else doc.reshape(-1), backend)
+
+
+@dataclass
+class Feed:
+    """The tokens one run of a method's step generator covers.
+
+    Training: every slot of the micro-batch ``mb`` (``streams`` None; the driver embeds). A
+    decoder call: the new tokens at ``mb["slots"]`` (sorted) of a ``[rows, width]`` grid
+    ``mb["tokens"]``, after the rows' earlier positions, whose K/V ``streams`` hold; the runs
+    attend to and extend them. Without ``mb["labels"]`` no loss is computed (and no p_target
+    head runs); ``keep_logits`` returns the final logits in :class:`LatentOutput`.
+    """
+
+    mb: dict
+    streams: list[KVStream] | None = None
+    keep_logits: bool = False
+
+    @property
+    def decoding(self) -> bool:
+        return self.streams is not None
+
+    @property
+    def rows(self) -> int:
+        return self.mb["tokens"].shape[0]
+
+    @property
+    def seq(self) -> int:
+        return self.mb["tokens"].shape[1]
+
+    @property
+    def labelled(self) -> bool:
+        return "labels" in self.mb
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """Grid slot of every token this run covers (training: all, row-major)."""
+        slots = self.mb.get("slots")
+        tokens = self.mb["tokens"]
+        return torch.arange(tokens.numel(), device=tokens.device) if slots is None else slots
+
+    @property
+    def ids(self) -> torch.Tensor:
+        flat = self.mb["tokens"].reshape(-1)
+        return flat if self.mb.get("slots") is None else flat[self.mb["slots"]]
+
+    def token_input(self, stage: LlamaStage) -> torch.Tensor | None:
+        """The first run's input: None in training (the driver, or the previous pipeline stage,
+        provides it), the new tokens' embedding when decoding."""
+        return stage.embed(self.ids) if self.decoding else None
+
+    def stream(self, i: int) -> KVStream:
+        """The decoder's ``i``-th stream, or (training) a fresh one that only keeps tags."""
+        return self.streams[i] if self.decoding else KVStream()
+
+    def keys(self, stream: KVStream, q_slots: torch.Tensor, seq: int, step: int,
+             q_live: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The keys (slots, live) a run of ``q_slots`` at ``step`` attends to: the stream's
+        visible ones, then its own; (None, None) for a first run over the whole grid (causal)."""
+        cached = stream.keys(seq, step)
+        if cached is None:
+            if q_live is None and q_slots.numel() == self.rows * seq:
+                return None, None
+            return q_slots, q_live
+        slots, live = cached
+        return torch.cat([slots, q_slots]), _cat_live(live, slots.numel(), q_live, q_slots.numel())
+
+    def plan(self, stage: LlamaStage, q_slots: torch.Tensor, seq: int, step: int = 1,
+             doc: torch.Tensor | None = None) -> AttentionPlan:
+        """The plan of a run of ``q_slots`` over stream 0 (causal when nothing is cached)."""
+        keys, live = self.keys(self.stream(0), q_slots, seq, step)
+        return plan_for(self.rows, seq, doc, stage.attention_backend, q_slots, keys, live)
+
+    def run(self, x: torch.Tensor | None, q_slots: torch.Tensor, seq: int, plan: AttentionPlan,
+            stream: KVStream, step: int = 1, live: torch.Tensor | None = None,
+            past: bool = False) -> LayerRun:
+        """The request for a run of ``q_slots`` (a [rows, seq] grid's) at ``step``; tags its keys
+        in ``stream``. ``past``: training's attention to the previous run's K/V (the latent
+        loop); decoding always attends to and extends ``stream``."""
+        stream.add(q_slots, seq, step, live)
+        return LayerRun(x, q_slots, q_slots % seq, plan, past=past or self.decoding,
+                        cache=stream if self.decoding else None)
+
+    def head(self, stage: LlamaStage, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One LM-head call on ``z`` (one row per covered token): the LM loss (0 without labels)
+        and the logits when asked for."""
+        logits = stage.logits(z)
+        if self.labelled:
+            labels, loss_mask = self.mb["labels"].reshape(-1), self.mb["loss_mask"].reshape(-1)
+            loss = masked_mean(token_cross_entropy(logits, labels), loss_mask)
+        else:
+            loss = z.new_zeros((), dtype=upcast(z).dtype)
+        return loss, logits if self.keep_logits else None
 
 
 class LatentStepScheduler:
@@ -65,7 +219,7 @@ class LatentStepScheduler:
 
     # -- pipeline-stage interface ------------------------------------------------------------
     def stage_forward(self, mb: dict, x: torch.Tensor | None):
-        """One stage's pass of micro-batch ``mb`` in the one-pass (GPipe) schedule: a middle
+        """One stage's pass of micro-batch ``mb`` in a one-pass pipeline schedule: a middle
         stage of a K = 1 model, or the whole model; returns (output or loss, stats)."""
         if not self.stage.post_process:
             return self._token_pass(mb, x)[0], {}
@@ -91,67 +245,86 @@ class LatentStepScheduler:
         """The attention plan of one layer run: causal over all slots, or the latent 2-D rule
         for queries ``q_slots`` over the cache ``key_slots`` (None = the token pass)."""
         rows, seq = mb["tokens"].shape
-        doc = mb.get("doc_ids")
-        if key_slots is None:
-            return causal_plan(rows, seq, doc, self.stage.attention_backend)
-        return latent_plan(q_slots, key_slots, key_live, rows, seq,
-                           None if doc is None else doc.reshape(-1), self.stage.attention_backend)
+        return plan_for(rows, seq, mb.get("doc_ids"), self.stage.attention_backend, q_slots,
+                        key_slots, key_live)
 
     def forward(self, mb: dict, x: torch.Tensor | None = None) -> LatentOutput:
         """Every step on this stage's layers (the whole model, or the last stage of K = 1)."""
-        method = self.cfg.latent.method
-        if method in ("pondering", "pause") and self.max_steps > 1:
-            return self._baseline(mb)
-        steps = self.steps(mb)
-        request, cache = next(steps), None
+        return self.drive(self.steps(mb), mb, x)
+
+    def drive(self, steps: Generator[LayerRun, torch.Tensor, LatentOutput], mb: dict,
+              x: torch.Tensor | None = None) -> LatentOutput:
+        """Run a step generator to its end on this stage's layers: the one-stage driver of
+        training (:meth:`forward`) and of the decoder. A run's ``past`` K/V is its stream's when
+        it names one (decoding; the stream then keeps the result), else the previous run's."""
+        request, chain = next(steps), None
         while True:
             inp = request.x
             if inp is None:  # the token pass: embed here, or what the previous stage sent
                 inp = self.stage.embed(mb["tokens"].reshape(-1)) if self.stage.pre_process else x
-            h, kv = self.stage.run_layers(inp, request.positions, request.plan,
-                                          past=cache if request.past else None)
-            cache = kv
+            stream = request.cache
+            past = stream.kv if stream is not None else chain if request.past else None
+            h, chain = self.stage.run_layers(inp, request.positions, request.plan, past=past)
+            if stream is not None:
+                stream.kv = chain
             try:
                 request = steps.send(h)
             except StopIteration as done:
                 return done.value
 
-    def steps(self, mb: dict) -> Generator[LayerRun, torch.Tensor, LatentOutput]:
+    def steps(self, mb: dict, streams: list[KVStream] | None = None,
+              keep_logits: bool = False) -> Generator[LayerRun, torch.Tensor, LatentOutput]:
         """The method as a sequence of layer runs: yields what to run through the layers,
-        receives the layers' output, returns the losses. Any driver (one stage, or the pipeline
-        across stages in ``training/latent_pipeline.py``) runs the same steps."""
-        if self.cfg.latent.method == "looped" and self.max_steps > 1:
-            return (yield from self._looped_steps(mb))
-        return (yield from self._latent_steps(mb))
+        receives the layers' output, returns the losses. Any driver (one stage, the pipeline
+        across stages in ``training/latent_pipeline.py``, the decoder) runs the same steps.
+
+        ``streams`` (decoding, :attr:`streams` of them): the K/V of the rows' earlier
+        positions; ``mb`` then holds the new tokens (see :class:`Feed`). ``keep_logits``: return
+        the final logits too."""
+        feed = Feed(mb, streams, keep_logits)
+        method = self.cfg.latent.method
+        if self.max_steps > 1 and method in ("looped", "pondering", "pause"):
+            out = yield from getattr(baselines, method)(self.stage, feed, self.max_steps)
+            return self._baseline_output(feed, *out)
+        return (yield from self._latent_steps(feed))
+
+    @property
+    def streams(self) -> int:
+        """K/V streams a decoder keeps: one per repeat (looped) or pass (pondering), else one."""
+        method = self.cfg.latent.method
+        return self.max_steps if method in ("looped", "pondering") else 1
+
+    @property
+    def slots_per_token(self) -> int:
+        """Positions one token occupies in the layers' sequence (pause: K, else 1)."""
+        return self.max_steps if self.cfg.latent.method == "pause" else 1
 
     # -- the latent loop -------------------------------------------------------------------
-    def _latent_steps(self, mb: dict) -> Generator[LayerRun, torch.Tensor, LatentOutput]:
-        stage, lat = self.stage, self.cfg.latent
-        tokens = mb["tokens"]
-        rows, seq = tokens.shape
-        n, device = rows * seq, tokens.device
-        labels = mb["labels"].reshape(-1)
-        loss_mask = mb["loss_mask"].reshape(-1)
-        positions = torch.arange(seq, device=device).repeat(rows)
-        all_slots = torch.arange(n, device=device)
+    def _latent_steps(self, feed: Feed) -> Generator[LayerRun, torch.Tensor, LatentOutput]:
+        stage, lat, mb = self.stage, self.cfg.latent, feed.mb
+        seq, new = feed.seq, feed.slots  # grid slot of each token ("index") this run covers
+        n, device = new.numel(), new.device
+        labels = mb["labels"].reshape(-1) if feed.labelled else None
+        loss_mask = mb["loss_mask"].reshape(-1) if feed.labelled else None
+        stream = feed.stream(0)
+        all_index = torch.arange(n, device=device)
 
-        plan = self.step_plan(mb, all_slots, None)
-        h = yield LayerRun(None, all_slots, positions, plan, past=False)
+        key_slots, key_live = feed.keys(stream, new, seq, 1)
+        plan = self.step_plan(mb, new, key_slots, key_live)
+        h = yield feed.run(feed.token_input(stage), new, seq, plan, stream)
         if self.max_steps == 1:  # the token pass alone (z^f = z^(1)); token-sharded under SP
-            lm_loss = masked_mean(token_cross_entropy(stage.logits(stage.final_norm(h)), labels),
-                                  loss_mask)
+            lm_loss, logits = feed.head(stage, stage.final_norm(h))
             return LatentOutput(loss=lm_loss, lm_loss=lm_loss, adaptive_loss=torch.zeros_like(lm_loss),
                                 steps=torch.ones(n, dtype=torch.long, device=device),
-                                records=[StepRecord(n, n, visible_pairs(plan))])
+                                records=[StepRecord(n, n, visible_pairs(plan))], logits=logits)
         sp = stage.sequence_parallel
-        # ``active``: token slot of each row of this rank's h (its shard under SP);
-        # ``q_slots``: the step's queries across the TP group (== active without SP);
-        # ``live``: which rows really execute (None = all; dead rows are uncompacted halted
-        # tokens or SP padding, computed but never visible nor mixed); ``q_real``: how many
-        # of q_slots are not SP padding (padding is no model work: one process has none).
-        active = all_slots.chunk(self.tp_size)[self.tp_rank] if sp else all_slots
-        q_slots, live, q_real = all_slots, None, n
-        key_slots, key_live = all_slots, None
+        # ``active``: index of each row of this rank's h (its shard under SP);
+        # ``q_index``: the step's queries across the TP group (== active without SP), at the
+        # grid slots ``q_slots``; ``live``: which rows really execute (None = all; dead rows are
+        # uncompacted halted tokens or SP padding, computed but never visible nor mixed);
+        # ``q_real``: how many of the queries are not SP padding (padding is no model work).
+        active = all_index.chunk(self.tp_size)[self.tp_rank] if sp else all_index
+        q_index, q_slots, live, q_real = all_index, new, None, n
         work = upcast(h).dtype  # routing and mixing precision: float32 (float64 in tests)
         reach = torch.ones(active.numel(), device=device, dtype=work)
         z_final = torch.zeros(n, 1, h.shape[-1], device=device, dtype=work)
@@ -181,28 +354,26 @@ class LatentStepScheduler:
                 live, reach, h_in = cont, decision.reach_next, z
                 new_live = live
             elif sp:
-                active, reach, h_in, live, q_slots, new_live = self._regather(
+                active, reach, h_in, live, q_index, new_live = self._regather(
                     active[cont], decision.reach_next[cont], z[cont])
                 q_real = int(new_live.sum())  # the padding is at the end
             else:
                 active, reach, h_in = active[cont], decision.reach_next[cont], z[cont]
-                q_slots, q_real = active, active.numel()
-            if new_live is not None or key_live is not None:
-                old = key_live if key_live is not None else torch.ones_like(key_slots, dtype=torch.bool)
-                new = new_live if new_live is not None else torch.ones_like(q_slots, dtype=torch.bool)
-                key_live = torch.cat([old, new])
-            key_slots = torch.cat([key_slots, q_slots])
-            if lat.method == "adaptive" and lat.adaptive_loss_weight > 0:
+                q_index, q_real = active, active.numel()
+            q_slots = new[q_index]
+            key_slots, key_live = feed.keys(stream, q_slots, seq, k + 1, new_live)
+            if lat.method == "adaptive" and lat.adaptive_loss_weight > 0 and feed.labelled:
                 # sg(p_target^(k)) of the survivors: z^(k) is exactly their next input
                 with torch.no_grad():
-                    p_target = torch.exp(-token_cross_entropy(stage.logits(h_in), labels[q_slots]))
+                    p_target = torch.exp(-token_cross_entropy(stage.logits(h_in), labels[q_index]))
                     if sp:
                         p_target = p_target.chunk(self.tp_size)[self.tp_rank]
                 ptarget_tokens += q_real
                 term = loss_mask[active] * p_target.pow(lat.adaptive_loss_beta) * reach
                 adaptive_sum = adaptive_sum + (term if live is None else term * live).sum()
             plan = self.step_plan(mb, q_slots, key_slots, key_live)
-            h = yield LayerRun(h_in.to(h.dtype), q_slots, positions[q_slots], plan, past=True)
+            h = yield feed.run(h_in.to(h.dtype), q_slots, seq, plan, stream, k + 1, new_live,
+                               past=True)
 
         if sp:  # each rank mixed the tokens it ran: sum, then back to this rank's shard
             from megatron.core.tensor_parallel import (
@@ -215,13 +386,14 @@ class LatentStepScheduler:
             adaptive_sum = reduce_from_tensor_model_parallel_region(adaptive_sum)
             torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX,
                                          group=self._tp_group())
-        logits = stage.logits(z_final.to(h.dtype))
-        lm_loss = masked_mean(token_cross_entropy(logits, labels), loss_mask)
-        adaptive_loss = adaptive_sum / loss_mask.sum().clamp(min=1.0)
+        lm_loss, logits = feed.head(stage, z_final.to(h.dtype))
+        adaptive_loss = adaptive_sum / loss_mask.sum().clamp(min=1.0) if feed.labelled \
+            else torch.zeros_like(adaptive_sum)
         loss = lm_loss + lat.adaptive_loss_weight * adaptive_loss if lat.method == "adaptive" \
             else lm_loss
         return LatentOutput(loss=loss, lm_loss=lm_loss, adaptive_loss=adaptive_loss,
-                            steps=steps, records=records, ptarget_tokens=ptarget_tokens)
+                            steps=steps, records=records, ptarget_tokens=ptarget_tokens,
+                            logits=logits)
 
     # -- sequence parallelism: rebalance survivors across the TP group ---------------------
     def _tp_group(self):
@@ -277,27 +449,18 @@ class LatentStepScheduler:
         mine = slice(rank * chunk, (rank + 1) * chunk)
         return all_slots[mine], all_reach[mine], all_z[mine], all_live[mine], all_slots, all_live
 
-    def _looped_steps(self, mb: dict) -> Generator[LayerRun, torch.Tensor, LatentOutput]:
-        loss, plan = yield from baselines.looped(self.stage, mb, self.max_steps)
-        return self._baseline_output(mb, loss, plan)
-
-    def _baseline(self, mb: dict) -> LatentOutput:
-        loss, plan = getattr(baselines, self.cfg.latent.method)(self.stage, mb, self.max_steps)
-        return self._baseline_output(mb, loss, plan)
-
-    def _baseline_output(self, mb: dict, loss: torch.Tensor, plan: AttentionPlan) -> LatentOutput:
+    def _baseline_output(self, feed: Feed, loss: torch.Tensor, logits: torch.Tensor | None,
+                         plans: list[AttentionPlan]) -> LatentOutput:
+        """A baseline's LatentOutput: one record per run (``plans``), every token K passes."""
         method, k = self.cfg.latent.method, self.max_steps
-        rows, seq = mb["tokens"].shape
-        n = rows * seq
-        if method == "pause":  # one pass over the K-times longer sequence
-            records = [StepRecord(n * k, n, visible_pairs(plan))]  # K slots per real token
-        else:
-            records = [StepRecord(n, n, visible_pairs(plan))] * k
+        n = feed.slots.numel()
+        per_run = n * k if method == "pause" else n  # pause: K slots per real token, one run
+        records = [StepRecord(per_run, n, visible_pairs(p)) for p in plans]
         # pondering: K-1 extra LM heads and K-1 expected-embedding matmuls, all with gradient
         head_tokens = n * (2 * k - 1) if method == "pondering" else n
-        steps = torch.full((n,), k, dtype=torch.long, device=mb["tokens"].device)
+        steps = torch.full((n,), k, dtype=torch.long, device=feed.slots.device)
         return LatentOutput(loss=loss, lm_loss=loss, adaptive_loss=torch.zeros_like(loss),
-                            steps=steps, records=records, head_tokens=head_tokens)
+                            steps=steps, records=records, head_tokens=head_tokens, logits=logits)
 
     def _decide(self, z: torch.Tensor, reach: torch.Tensor,
                 k: int) -> tuple[Decision, torch.Tensor | None]:
@@ -337,11 +500,21 @@ class LatentStepScheduler:
         for k in range(1, self.max_steps + 1):
             live = out.records[k - 1].live if k <= len(out.records) else 0
             s[f"active_frac_step{k}"] = live / n
-        vocab = self.stage.vocab_size
-        s["flops"] = float(latent_train_flops(
-            m, vocab, [r.tokens for r in out.records], [r.pairs for r in out.records],
+        s["flops"] = float(self.counts(out).train_flops(m, self.stage.vocab_size))
+        return s
+
+    def counts(self, out: LatentOutput) -> StepCounts:
+        """What ``out``'s forward ran (the arguments of the FLOPs formulas)."""
+        n = out.steps.numel()
+        return StepCounts(
+            [r.tokens for r in out.records], [r.pairs for r in out.records],
             head_tokens=out.head_tokens or n, ptarget_tokens=out.ptarget_tokens,
             router_tokens=sum(r.tokens for k, r in enumerate(out.records, start=1)
                               if k < self.max_steps)  # the router runs at every step < K_max
-            if self.cfg.latent.method == "adaptive" else 0))
-        return s
+            if self.cfg.latent.method == "adaptive" else 0)
+
+    def forward_flops(self, out: LatentOutput) -> float:
+        """Forward FLOPs of ``out``'s run (no p_target head): what inference costs."""
+        c = self.counts(out)
+        return latent_forward_flops(self.cfg.model, self.stage.vocab_size, c.step_tokens,
+                                    c.step_pairs, c.head_tokens, c.router_tokens)

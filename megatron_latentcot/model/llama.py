@@ -12,10 +12,11 @@ logical pieces, so initialisation, export and tests are independent of the paral
 
 from __future__ import annotations
 
+import hashlib
 import math
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from megatron_latentcot.model.attention import AttentionPlan, attention
 from megatron_latentcot.model.router import Router
 from megatron_latentcot.parallel import ParallelContext
 
+if TYPE_CHECKING:
+    from megatron_latentcot.model.latent import KVStream
+
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """Half-precision -> float32 for numerically sensitive ops; float32/64 stay as they are."""
@@ -41,6 +45,12 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 def padded_vocab_size(cfg: ModelConfig, tokenizer_vocab: int, tp_size: int) -> int:
     """The embedding rows: ``model.vocab_size`` or the tokenizer's vocab padded like Megatron."""
+    if cfg.predicted_vocab_size is not None and cfg.predicted_vocab_size < tokenizer_vocab:
+        from megatron_latentcot.config import ConfigError
+
+        raise ConfigError(f"model.predicted_vocab_size ({cfg.predicted_vocab_size}) is smaller "
+                          f"than the tokenizer's vocabulary ({tokenizer_vocab}): its last ids "
+                          "could never be predicted")
     if cfg.vocab_size is not None:
         if cfg.vocab_size < tokenizer_vocab:
             from megatron_latentcot.config import ConfigError
@@ -49,7 +59,8 @@ def padded_vocab_size(cfg: ModelConfig, tokenizer_vocab: int, tp_size: int) -> i
                               f"tokenizer's vocabulary ({tokenizer_vocab})")
         return cfg.vocab_size
     multiple = cfg.make_vocab_size_divisible_by * tp_size
-    return int(math.ceil(tokenizer_vocab / multiple) * multiple)
+    rows = max(tokenizer_vocab, cfg.predicted_vocab_size or 0)  # an imported model's may be more
+    return int(math.ceil(rows / multiple) * multiple)
 
 
 class RMSNorm(nn.Module):
@@ -61,18 +72,61 @@ class RMSNorm(nn.Module):
         # weight's gradient is partial and must be all-reduced over TP (see optimizer.py).
         self.weight.sequence_parallel = sequence_parallel
 
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = upcast(x)
         return F.rms_norm(xf, (x.shape[-1],), self.weight.to(xf.dtype), self.eps).type_as(x)
 
 
 class RotaryEmbedding(nn.Module):
-    """HF-style RoPE (rotate-half). Every latent step of token t uses position t."""
+    """HF-style RoPE (rotate-half). Every latent step of token t uses position t.
 
-    def __init__(self, head_dim: int, theta: float):
+    ``scaling`` (``model.rope_scaling`` and its ``rope_*`` fields, see :meth:`from_config`)
+    rescales the frequencies exactly as transformers does, so an imported Llama-3.1 checkpoint
+    sees the positions it was trained with.
+    """
+
+    def __init__(self, head_dim: int, theta: float,
+                 scaling: tuple[str, dict[str, float]] | None = None):
         super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    @classmethod
+    def from_config(cls, m: ModelConfig) -> RotaryEmbedding:
+        from megatron_latentcot.config import ROPE_SCALING_FIELDS
+
+        scaling = None if m.rope_scaling is None else (
+            m.rope_scaling, {f: getattr(m, f) for f in ROPE_SCALING_FIELDS[m.rope_scaling]})
+        return cls(m.head_dim, m.rope_theta, scaling)
+
+    def _inv_freq(self) -> torch.Tensor:
+        inv = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64)
+                             / self.head_dim)
+        if self.scaling is None:
+            return inv
+        kind, p = self.scaling
+        factor = p["rope_scaling_factor"]
+        if kind == "linear":
+            return inv / factor
+        # "llama3": wavelengths above original/low_freq are divided by factor, those below
+        # original/high_freq kept, the ones between interpolated (transformers' formula).
+        low, high = p["rope_low_freq_factor"], p["rope_high_freq_factor"]
+        original = p["rope_original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > original / low, inv / factor, inv)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, smoothed, scaled)
+
+    def reset_parameters(self) -> None:
+        """Recompute the (non-persistent) frequencies after a meta-device build."""
+        with torch.no_grad():
+            self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
 
     def forward(self, positions: torch.Tensor,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,13 +156,56 @@ class Embedding(VocabParallelEmbedding):
             reduce_scatter_to_sequence_parallel_region,
         )
 
-        partial = input_ @ self.weight.to(input_.dtype)  # [N, 1, V/tp] @ [V/tp, H]
+        # [N, 1, V/tp] @ [V/tp, H]; under autocast a bf16 GEMM whose result returns to the
+        # probabilities' precision, like a token lookup of fp32 weights (the residual stream)
+        partial = (input_ @ self.weight.to(input_.dtype)).to(input_.dtype)
         if self.reduce_scatter_embeddings:
             return reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
         return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
 
 
-class FusedColumnParallelLinear(ColumnParallelLinear):
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on ``device``; None outside autocast."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+class _AutocastCast:
+    """Lets megatron-core's TP linear run under autocast off CUDA.
+
+    Why: megatron's autograd functions are ``custom_fwd/custom_bwd(device_type="cuda")``. On
+    CUDA the backward re-enters autocast and megatron saves the fp32 parameter (autocast's
+    cast cache makes the bf16 copy transient): that path is left alone. On any other device
+    (the CPU tests) the backward would see a bf16 gradient against an fp32 weight and fail, so
+    the input and weight are cast before the function, as autocast would for that matmul
+    (bf16 operands, the fp32 master weight getting an fp32 gradient through the cast). The
+    price, CPU only: each call keeps its own bf16 weight copy until the backward. Outside
+    autocast, or with weights already bf16 (FSDP2's mixed-precision gather), nothing is cast.
+    """
+
+    # megatron passes ``input=``, ``weight=``, ``bias=`` by keyword: the names must match.
+    def _forward_impl(self, input: torch.Tensor, weight: torch.Tensor, *args: object,
+                      **kwargs: object) -> torch.Tensor:
+        dtype = autocast_dtype(input.device)
+        if dtype is not None:
+            input = input.to(dtype)  # saved for backward and all-gathered (SP) in bf16
+            if input.device.type != "cuda":
+                weight = weight.to(dtype)
+                if kwargs.get("bias") is not None:
+                    kwargs["bias"] = kwargs["bias"].to(dtype)
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
+class CastColumnParallelLinear(_AutocastCast, ColumnParallelLinear):
+    """megatron-core's ColumnParallelLinear that runs under autocast on every device."""
+
+
+class CastRowParallelLinear(_AutocastCast, RowParallelLinear):
+    """megatron-core's RowParallelLinear that runs under autocast on every device."""
+
+
+class FusedColumnParallelLinear(CastColumnParallelLinear):
     """Column-parallel GEMM over several logical weights; each rank holds its slice of each."""
 
     def __init__(self, hidden: int, parts: dict[str, int], config: ModelParallelConfig):
@@ -149,9 +246,9 @@ class SelfAttention(nn.Module):
             cfg.hidden_size,
             {"q_proj": cfg.num_attention_heads * d, "k_proj": cfg.kv_heads * d,
              "v_proj": cfg.kv_heads * d}, mp)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, config=mp,
-                                        init_method=_no_init, bias=False, input_is_parallel=True,
-                                        skip_bias_add=False)
+        self.o_proj = CastRowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size,
+                                            config=mp, init_method=_no_init, bias=False,
+                                            input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 plan: AttentionPlan, past: tuple[torch.Tensor, torch.Tensor] | None):
@@ -172,9 +269,9 @@ class MLP(nn.Module):
         f = cfg.ffn_hidden_size
         self.gate_up_proj = FusedColumnParallelLinear(cfg.hidden_size,
                                                       {"gate_proj": f, "up_proj": f}, mp)
-        self.down_proj = RowParallelLinear(f, cfg.hidden_size, config=mp, init_method=_no_init,
-                                           bias=False, input_is_parallel=True,
-                                           skip_bias_add=False)
+        self.down_proj = CastRowParallelLinear(f, cfg.hidden_size, config=mp,
+                                               init_method=_no_init, bias=False,
+                                               input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)
@@ -216,6 +313,7 @@ class LayerRun:
     ``x`` None means the token pass input: the token embedding on the first stage, else what the
     previous stage sent. ``slots``: the packed token slots the rows stand for (they tell the
     other pipeline stages which tokens run); ``past``: attend to earlier runs' cached K/V.
+    ``cache`` (decoding): the K/V stream the run attends to and extends, across calls.
     """
 
     x: torch.Tensor | None
@@ -223,6 +321,7 @@ class LayerRun:
     positions: torch.Tensor
     plan: AttentionPlan
     past: bool
+    cache: KVStream | None = None
 
 
 class LlamaStage(nn.Module):
@@ -253,26 +352,29 @@ class LlamaStage(nn.Module):
         self.soft_embedding_scale = (math.sqrt(m.hidden_size)
                                      if cfg.latent.pondering_embedding_scale == "sqrt_hidden"
                                      else self.embedding_multiplier)
-        if self.pre_process:
-            self.embed_tokens = Embedding(
-                vocab_size, m.hidden_size, init_method=_no_init, config=mp,
-                reduce_scatter_embeddings=ctx.sequence_parallel)
-            if cfg.latent.method == "pause":  # one learnable embedding per pause slot
-                self.pause_embeddings = nn.Embedding(cfg.latent.max_steps - 1, m.hidden_size)
-        ids = stage_layers(m.num_layers, ctx.pp_size, cfg.parallel.pipeline_layers)[ctx.pp_rank]
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(m, mp, ctx.tp_size) for i in ids})
-        self.rotary = RotaryEmbedding(m.head_dim, m.rope_theta)
-        if self.post_process:
-            self.norm = RMSNorm(m.hidden_size, m.norm_eps, ctx.sequence_parallel)
-            if not m.tie_embeddings:
-                self.lm_head = ColumnParallelLinear(m.hidden_size, vocab_size, config=mp,
-                                                    init_method=_no_init, bias=False,
-                                                    gather_output=False)
-            if cfg.latent.method == "adaptive":
-                self.router = Router(m.hidden_size, cfg.latent.router_bias_init,
-                                     ctx.sequence_parallel)
+        # Shapes only: every parameter is allocated once, on ctx.device, by materialise(), and
+        # init_weights() then draws just this rank's shard (a 7B rank never holds the model).
+        with torch.device("meta"):
+            if self.pre_process:
+                self.embed_tokens = Embedding(
+                    vocab_size, m.hidden_size, init_method=_no_init, config=mp,
+                    reduce_scatter_embeddings=ctx.sequence_parallel)
+                if cfg.latent.method == "pause":  # one learnable embedding per pause slot
+                    self.pause_embeddings = nn.Embedding(cfg.latent.max_steps - 1, m.hidden_size)
+            ids = stage_layers(m.num_layers, ctx.pp_size, cfg.parallel.pipeline_layers)[ctx.pp_rank]
+            self.layers = nn.ModuleDict({str(i): TransformerBlock(m, mp, ctx.tp_size) for i in ids})
+            self.rotary = RotaryEmbedding.from_config(m)
+            if self.post_process:
+                self.norm = RMSNorm(m.hidden_size, m.norm_eps, ctx.sequence_parallel)
+                if not m.tie_embeddings:
+                    self.lm_head = CastColumnParallelLinear(
+                        m.hidden_size, vocab_size, config=mp, init_method=_no_init, bias=False,
+                        gather_output=False)
+                if cfg.latent.method == "adaptive":
+                    self.router = Router(m.hidden_size, cfg.latent.router_bias_init,
+                                         ctx.sequence_parallel)
+        materialise(self, ctx.device)
         _mark_tensor_parallel(self)
-        self.to(ctx.device)
 
     # -- pieces the schedulers compose -------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -325,9 +427,22 @@ class LlamaStage(nn.Module):
 
             z = (gather_from_sequence_parallel_region(z) if self.sequence_parallel
                  else copy_to_tensor_model_parallel_region(z))
-            return F.linear(z, self.embed_tokens.weight)
+            return self._mask_padding(F.linear(z, self.embed_tokens.weight))
         out, _ = self.lm_head(z)
-        return out
+        return self._mask_padding(out)
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf at rows >= ``model.predicted_vocab_size`` (an imported vocabulary's padding):
+        never predicted, so losses and samples are the source model's."""
+        keep = self.cfg.predicted_vocab_size
+        if keep is None or keep >= self.vocab_size:
+            return logits
+        from megatron.core import parallel_state
+
+        part = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * part
+        cols = torch.arange(start, start + part, device=logits.device)
+        return logits.masked_fill(cols >= keep, float("-inf"))
 
 
 # -- layout-independent views, initialisation -----------------------------------------------
@@ -383,26 +498,85 @@ def _init_std(name: str, cfg: ModelConfig) -> float | None:
     return std
 
 
+def materialise(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-built model's parameters on ``device``; reset the small modules.
+
+    The tensor-parallel weights stay uninitialised (``init_weights`` draws them, shard by
+    shard); norms, router and rotary frequencies get their constructor values. Attributes set
+    on the parameters (megatron's ``tensor_model_parallel``, our ``sequence_parallel``) survive.
+    """
+    attrs = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        for key, value in attrs[name].items():
+            setattr(p, key, value)
+    parallel = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+    for module in model.modules():
+        if module is not model and not isinstance(module, parallel) \
+                and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+# Values are drawn in blocks of this many indices along a weight's partition dimension, each
+# block from its own generator: a rank draws the blocks its shard overlaps and nothing else,
+# and the values do not depend on the layout. Changing it changes every initial weight.
+INIT_BLOCK = 256
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def trunc_normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    """N(0, std^2) truncated to +-2 std: the out-of-range draws are drawn again until in range,
+    which is exactly the truncated distribution and ~6x faster on CPU than the inverse-CDF
+    sampler of ``nn.init.trunc_normal_`` (25M vs 4M values/s on one core)."""
+    x = torch.randn(shape, generator=gen)
+    flat = x.view(-1)
+    bad = (flat.abs() > 2).nonzero().squeeze(1)
+    while bad.numel():
+        flat[bad] = torch.randn(bad.numel(), generator=gen)
+        bad = bad[flat[bad].abs() > 2]
+    return x.mul_(std)
+
+
+def init_slice_(out: torch.Tensor, name: str, shape: tuple[int, ...], dim: int, start: int,
+                std: float, seed: int) -> int:
+    """Fill ``out`` with indices ``[start, start + out.shape[dim])`` along ``dim`` of logical
+    weight ``name`` (full shape ``shape``). Returns how many values were drawn: the slice plus
+    at most two partial blocks."""
+    end, drawn = start + out.shape[dim], 0
+    for block in range(start // INIT_BLOCK, -(-end // INIT_BLOCK)):
+        lo, hi = block * INIT_BLOCK, min((block + 1) * INIT_BLOCK, shape[dim])
+        block_shape = list(shape)
+        block_shape[dim] = hi - lo
+        gen = torch.Generator(device="cpu").manual_seed(_block_seed(seed, name, block))
+        values = trunc_normal(tuple(block_shape), std, gen)
+        drawn += values.numel()
+        a, b = max(lo, start), min(hi, end)
+        out.narrow(dim, a - start, b - a).copy_(values.narrow(dim, a - lo, b - a))
+    return drawn
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
-    """Initialise every logical weight from its own seeded generator, then keep this rank's slice.
+    """Draw this rank's slice of every logical weight (``init_slice_``), never the full weight.
 
     The same seed gives the same full model for any TP/PP layout, which is what makes
-    parallel runs comparable with a single process.
+    parallel runs comparable with a single process. Norm weights are ones; the router bias
+    keeps its configured start (``latent.router_bias_init``).
     """
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for name, lp in logical_parameters(model):
         if name.endswith("router.bias"):
-            continue  # keeps its configured start (latent.router_bias_init)
+            continue
         std = _init_std(name, cfg)
         if std is None:
             lp.local.fill_(1.0)
             continue
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        full = torch.empty(lp.shape)
-        nn.init.trunc_normal_(full, std=std, a=-2 * std, b=2 * std, generator=gen)
-        if lp.partition_dim is not None:
-            full = full.chunk(_tp_size_of(model), dim=lp.partition_dim)[tp_rank]
-        lp.local.copy_(full)
+        dim = lp.partition_dim if lp.partition_dim is not None else 0
+        start = tp_rank * lp.local.shape[dim] if lp.partition_dim is not None else 0
+        init_slice_(lp.local, name, lp.shape, dim, start, std, seed)

@@ -23,15 +23,24 @@ class Router(nn.Module):
 
     def __init__(self, hidden: int, bias_init: float, sequence_parallel: bool):
         super().__init__()
+        self.bias_init = float(bias_init)
         self.weight = nn.Parameter(torch.zeros(1, hidden))  # drawn by init_weights()
-        self.bias = nn.Parameter(torch.full((1,), float(bias_init)))  # kept: g starts at sigmoid(b)
+        self.bias = nn.Parameter(torch.full((1,), self.bias_init))  # kept: g starts at sigmoid(b)
         for p in (self.weight, self.bias):
             p.sequence_parallel = sequence_parallel
 
+    def reset_parameters(self) -> None:
+        """The constructor's values again (after a meta-device build)."""
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.fill_(self.bias_init)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [N, 1, H] -> gates [N] in float32."""
+        """z: [N, 1, H] -> gates [N] in float32 (autocast off: routing is never bf16)."""
         zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-        return torch.sigmoid(F.linear(zf, self.weight.to(zf.dtype), self.bias.to(zf.dtype))).view(-1)
+        with torch.autocast(z.device.type, enabled=False):
+            gate = F.linear(zf, self.weight.to(zf.dtype), self.bias.to(zf.dtype))
+        return torch.sigmoid(gate).view(-1)
 
 
 @dataclass

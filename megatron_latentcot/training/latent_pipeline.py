@@ -1,19 +1,23 @@
 """The latent loop across pipeline stages: one latent step is a full pass through every stage.
 
-Units are (micro-batch m, step k), run step-major: every stage does step k of all micro-batches
-before step k+1, so while the last stage finishes m's step k the first stage is already on
-m+1's. The last stage sends m's survivors (their slots first: the count changes every step)
-back to the first stage for step k+1; an empty message means "m is done" and travels once
-through the pipeline, so every stage agrees on which units exist. All forward, then all
-backward in reverse unit order.
+Units are (micro-batch m, step k); their order on each stage comes from ``schedules.py``.
+``1f1b`` (default): forwards in groups of PP micro-batches, step-major within a group, so while
+the last stage finishes m's step k the first is on m+1's; backwards in the same groups, steps
+reversed, alternating with forwards after a warm-up of ``(PP - s - 1) + (K - 1) PP`` units: at
+most ``K PP - s`` units (PP - s/K micro-batches' worth) are alive on stage s, whatever the number
+of micro-batches M. ``gpipe``: every forward step-major, then every backward (all M alive).
+The last stage sends m's survivors (their slots first: the count changes every step) back to
+the first stage for step k+1; an empty message means "m is done" and travels once through the
+pipeline, so every stage agrees on which units exist (the others are no-ops everywhere).
 
 Autograd seams: every (stage, m, k) unit is its own graph segment. Received activations enter
 it as leaves, and so do earlier steps' K/V caches; their gradients are handed back to the
 producing unit's backward together with its output gradient, so no graph is traversed twice.
 On the last stage the method's step generator (``LatentStepScheduler.steps``: router, mixing,
-losses) hangs off one leaf per step, so a single loss backward yields every step's output
-gradient; the survivors' inputs sent back to stage 0 receive theirs during step k+1's backward.
-Gradients only accumulate here: the optimizer reduces them (FSDP2 included) after the last call.
+losses) hangs off one leaf per step, so m's loss backward (run when m's backward starts) yields
+every step's output gradient; the survivors' inputs sent back to stage 0 receive theirs during
+step k+1's backward. Gradients only accumulate here: the optimizer reduces them (FSDP2
+included) after the last call.
 """
 
 from __future__ import annotations
@@ -23,67 +27,44 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from megatron_latentcot.model.latent import LatentOutput, LatentStepScheduler
 from megatron_latentcot.model.llama import LayerRun
 from megatron_latentcot.parallel import ParallelContext
+from megatron_latentcot.training import schedules
+from megatron_latentcot.training.pipeline import P2P, eval_windows
 
 
-class _Links:
-    """Non-blocking sends and blocking receives between this rank's pipeline peers.
+class _Links(P2P):
+    """The latent loop's messages: a unit's (slots, activations), or a gradient."""
 
-    Messages towards a later stage and towards an earlier one travel on two different
-    communicators, so NCCL never queues a send behind a receive that is waiting for it.
-    """
+    def __init__(self, ctx: ParallelContext, plan: schedules.Plan, hidden: int, dtype: torch.dtype):
+        super().__init__(ctx, plan)
+        self.hidden, self.dtype = hidden, dtype
 
-    def __init__(self, ctx: ParallelContext, hidden: int, dtype: torch.dtype):
-        self.ctx, self.hidden, self.dtype = ctx, hidden, dtype
-        self.pending: list[tuple[dist.Work, torch.Tensor]] = []
-
-    def _peer(self, stage: int, sending: bool):
-        """The peer's global rank and the communicator of the message's direction."""
-        towards_later = stage > self.ctx.pp_rank if sending else stage < self.ctx.pp_rank
-        return self.ctx.stage_rank(stage), None if towards_later else self.ctx.pp_group
-
-    def _isend(self, t: torch.Tensor, stage: int) -> None:
-        dst, group = self._peer(stage, sending=True)
-        t = t.contiguous()
-        self.pending.append((dist.isend(t, dst, group=group), t))
-
-    def _recv(self, t: torch.Tensor, stage: int) -> torch.Tensor:
-        src, group = self._peer(stage, sending=False)
-        dist.recv(t, src, group=group)
-        return t
-
-    def send_run(self, stage: int, slots: torch.Tensor | None, x: torch.Tensor | None) -> None:
+    def send_run(self, slots: torch.Tensor | None, x: torch.Tensor | None) -> None:
         """(slots, activations) of one unit; ``slots`` None: the micro-batch is done."""
         count = 0 if slots is None else slots.numel()
-        self._isend(torch.tensor([count], dtype=torch.int64, device=self.ctx.device), stage)
+        self.isend(torch.tensor([count], dtype=torch.int64, device=self.ctx.device))
         if count:
-            self._isend(slots, stage)
-            self._isend(x.detach().to(self.dtype), stage)
+            self.isend(slots)
+            self.isend(x.detach().to(self.dtype))
 
-    def recv_run(self, stage: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def recv_run(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         device = self.ctx.device
-        count = int(self._recv(torch.zeros(1, dtype=torch.int64, device=device), stage).item())
+        count = int(self.recv(torch.zeros(1, dtype=torch.int64, device=device)).item())
         if count == 0:
             return None, None
-        slots = self._recv(torch.empty(count, dtype=torch.int64, device=device), stage)
-        x = self._recv(torch.empty(count, 1, self.hidden, dtype=self.dtype, device=device), stage)
+        slots = self.recv(torch.empty(count, dtype=torch.int64, device=device))
+        x = self.recv(torch.empty(count, 1, self.hidden, dtype=self.dtype, device=device))
         return slots, x
 
-    def send_grad(self, stage: int, grad: torch.Tensor) -> None:
-        self._isend(grad.to(self.dtype), stage)
+    def send_grad(self, grad: torch.Tensor) -> None:
+        self.isend(grad.to(self.dtype))
 
-    def recv_grad(self, stage: int, like: torch.Tensor) -> torch.Tensor:
-        g = self._recv(torch.empty(like.shape, dtype=self.dtype, device=like.device), stage)
+    def recv_grad(self, like: torch.Tensor) -> torch.Tensor:
+        g = self.recv(torch.empty(like.shape, dtype=self.dtype, device=like.device))
         return g.to(like.dtype)
-
-    def wait(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
-        self.pending.clear()
 
 
 @dataclass
@@ -91,7 +72,7 @@ class _Unit:
     """One (micro-batch, step) segment on this stage."""
 
     x: torch.Tensor | None  # received input (a leaf); None for the embedding pass
-    out: torch.Tensor  # the layers' output
+    out: torch.Tensor | None  # the layers' output (None once backpropagated)
     cache: list[torch.Tensor]  # this run's K/V of every layer, flattened (k0, v0, k1, ...)
     past: list[torch.Tensor]  # leaves standing for the previous unit's cache
     fed: torch.Tensor | None = None  # last stage: the leaf the generator got (training)
@@ -107,6 +88,7 @@ class _MicroBatch:
     steps: object = None  # the method's step generator (last stage)
     request: LayerRun | None = None  # its pending request (last stage)
     out: LatentOutput | None = None  # the losses (last stage)
+    stats: dict[str, float] = field(default_factory=dict)  # the method's stats (last stage)
 
 
 def _flat(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -119,52 +101,68 @@ def _pairs(flat: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def forward_backward(scheduler: LatentStepScheduler, microbatches: list[dict], ctx: ParallelContext,
                      activation_dtype: torch.dtype, forward_only: bool = False,
-                     autocast: Callable[[], object] | None = None) -> list[dict[str, float]]:
-    """Run every (micro-batch, step) unit through this stage, then backpropagate them in
-    reverse. Gradients are those of the mean loss over micro-batches. Returns per-micro-batch
-    stats (non-empty on the last stage)."""
-    stage = scheduler.stage
-    links = _Links(ctx, stage.cfg.hidden_size, activation_dtype)
-    last = ctx.is_last_stage
+                     autocast: Callable[[], object] | None = None,
+                     schedule: str = "1f1b") -> list[dict[str, float]]:
+    """Run every (micro-batch, step) unit through this stage and backpropagate it, in
+    ``schedule``'s order. Gradients are those of the mean loss over micro-batches. Returns
+    per-micro-batch stats (non-empty on the last stage)."""
     states = [_MicroBatch(mb) for mb in microbatches]
-    if last:
-        for st in states:
-            st.steps = scheduler.steps(st.mb)
-    grad = not forward_only
-    with torch.enable_grad() if grad else torch.no_grad():
-        for k in range(1, scheduler.max_steps + 1):
-            for m, st in enumerate(states):
-                if not st.done:
-                    with autocast() if autocast else contextlib.nullcontext():
-                        _forward_unit(scheduler, links, ctx, st, m, k, grad)
-    links.wait()
-    stats = [scheduler.stats(st.out, st.mb) for st in states] if last else []
+    hidden, steps = scheduler.stage.cfg.hidden_size, scheduler.max_steps
     if forward_only:
-        return stats
-    if last:
-        _loss_backward(states)
-    for k in range(scheduler.max_steps, 0, -1):
-        for m in reversed(range(len(states))):
-            st = states[m]
-            if k in st.units:
-                _backward_unit(links, ctx, st, k)
-    links.wait()
-    return stats
+        with torch.no_grad():
+            for window in eval_windows(ctx.pp_size, len(states)):
+                plan = schedules.Plan(schedule, ctx.pp_size, steps, len(window), True)
+                links = _Links(ctx, plan, hidden, activation_dtype)
+                _run(scheduler, links, ctx, [states[m] for m in window], plan, False, autocast)
+                links.wait()
+    else:
+        plan = schedules.Plan(schedule, ctx.pp_size, steps, len(states))
+        links = _Links(ctx, plan, hidden, activation_dtype)
+        _run(scheduler, links, ctx, states, plan, True, autocast)
+        links.wait()
+    return [st.stats for st in states] if ctx.is_last_stage else []
+
+
+def _run(scheduler: LatentStepScheduler, links: _Links, ctx: ParallelContext,
+         states: list[_MicroBatch], plan: schedules.Plan, grad: bool,
+         autocast: Callable[[], object] | None) -> None:
+    """This stage's ops of ``plan`` over ``states`` (indexed as the plan's micro-batches)."""
+    n = len(states)
+    for op in plan.ops[ctx.pp_rank]:
+        links.op = op
+        kind, m, k = op
+        st = states[m]
+        if kind == "F":
+            if k == 1 and ctx.is_last_stage:
+                st.steps = scheduler.steps(st.mb)
+            if not st.done:
+                with torch.enable_grad() if grad else torch.no_grad(), \
+                        autocast() if autocast else contextlib.nullcontext():
+                    _forward_unit(scheduler, links, ctx, st, k, grad)
+            continue
+        if ctx.is_last_stage and k == scheduler.max_steps:  # m's backward starts with its loss
+            loss = st.out.loss / n
+            st.out = None  # free what only the loss graph needs once it is done
+            # retained: the survivors' inputs sent to stage 0 share the final norm's graph
+            torch.autograd.backward(loss, retain_graph=True)
+            del loss  # (the head's graph: nothing else holds it)
+        if k in st.units:
+            _backward_unit(links, ctx, st, k)
 
 
 def _forward_unit(scheduler: LatentStepScheduler, links: _Links, ctx: ParallelContext,
-                  st: _MicroBatch, m: int, k: int, grad: bool) -> None:
+                  st: _MicroBatch, k: int, grad: bool) -> None:
     stage, mb = scheduler.stage, st.mb
     first, last = ctx.is_first_stage, ctx.is_last_stage
     tokens = mb["tokens"]
     if first and k == 1:
         slots, x = torch.arange(tokens.numel(), device=tokens.device), None
     else:
-        slots, x = links.recv_run(ctx.pp_size - 1 if first else ctx.pp_rank - 1)
+        slots, x = links.recv_run()
         if slots is None:  # m finished after step k - 1: tell the stages after this one
             st.done = True
             if not last:
-                links.send_run(ctx.pp_rank + 1, None, None)
+                links.send_run(None, None)
             return
         x.requires_grad_(grad)
     if last:
@@ -183,8 +181,10 @@ def _forward_unit(scheduler: LatentStepScheduler, links: _Links, ctx: ParallelCo
     h, kv = stage.run_layers(inp, positions, plan, past=_pairs(past_leaves) if past else None)
     unit = _Unit(x, h, _flat(kv), past_leaves)
     st.units[k] = unit
+    if not grad:  # evaluation: only the cache the next step reads is kept
+        st.units.pop(k - 1, None)
     if not last:
-        links.send_run(ctx.pp_rank + 1, slots, h)
+        links.send_run(slots, h)
         return
     # the last stage: the method decides who goes on; their inputs go back to stage 0
     fed = h.detach().requires_grad_() if grad else h
@@ -192,37 +192,30 @@ def _forward_unit(scheduler: LatentStepScheduler, links: _Links, ctx: ParallelCo
     try:
         st.request = st.steps.send(fed)
     except StopIteration as stop:
-        st.out, st.request = stop.value, None
+        st.out, st.request, st.steps = stop.value, None, None
+        st.stats = scheduler.stats(st.out, mb)
+        if not grad:
+            st.out, st.units = None, {}
         if k < scheduler.max_steps:
-            links.send_run(0, None, None)
+            links.send_run(None, None)
         return
     unit.wrap = st.request.x
-    links.send_run(0, st.request.slots, st.request.x)
-
-
-def _loss_backward(states: list[_MicroBatch]) -> None:
-    """Every micro-batch's loss into its per-step output gradients (and the head's weights)."""
-    n = len(states)
-    for st in states:
-        loss = st.out.loss / n
-        st.out = None  # free what only the loss graph needs once it is done
-        # retained: the survivors' inputs sent to stage 0 share the final norm's graph
-        torch.autograd.backward(loss, retain_graph=True)
+    links.send_run(st.request.slots, st.request.x)
 
 
 def _backward_unit(links: _Links, ctx: ParallelContext, st: _MicroBatch, k: int) -> None:
-    unit, pp_rank = st.units[k], ctx.pp_rank
+    unit = st.units[k]
     roots: list[torch.Tensor] = []
     grads: list[torch.Tensor | None] = []
     if ctx.is_last_stage:
         if unit.wrap is not None:  # its survivors ran step k + 1: their input's gradient
             # into the leaf's gradient, next to what the loss gave it
-            torch.autograd.backward(unit.wrap, links.recv_grad(0, unit.wrap))
+            torch.autograd.backward(unit.wrap, links.recv_grad(unit.wrap))
         roots.append(unit.out)
         grads.append(unit.fed.grad if unit.fed.grad is not None else torch.zeros_like(unit.out))
     else:
         roots.append(unit.out)
-        grads.append(links.recv_grad(pp_rank + 1, unit.out))
+        grads.append(links.recv_grad(unit.out))
     later = st.units.get(k + 1)
     if later is not None and later.past:  # the K/V this unit handed to step k + 1
         for c, leaf in zip(unit.cache, later.past, strict=True):
@@ -231,8 +224,10 @@ def _backward_unit(links: _Links, ctx: ParallelContext, st: _MicroBatch, k: int)
                 grads.append(leaf.grad)
     torch.autograd.backward(roots, grads)
     if unit.x is not None:
-        g = unit.x.grad if unit.x.grad is not None else torch.zeros_like(unit.x)
-        links.send_grad(ctx.pp_size - 1 if ctx.is_first_stage else pp_rank - 1, g)
+        links.send_grad(unit.x.grad if unit.x.grad is not None else torch.zeros_like(unit.x))
     st.units.pop(k + 1, None)  # its cache leaves were the last thing holding it
     if k == 1:
         st.units.clear()
+    else:  # only ``past`` is still needed: its gradients go to step k - 1's backward
+        unit.x = unit.out = unit.fed = unit.wrap = None
+        unit.cache = []

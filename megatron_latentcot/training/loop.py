@@ -43,10 +43,10 @@ from megatron_latentcot.training.faults import (
 from megatron_latentcot.training.lr_schedule import learning_rate
 from megatron_latentcot.training.metrics import (
     MetricsLogger,
+    ThroughputWindow,
     format_header,
     format_line,
     format_summary,
-    peak_memory_gb,
 )
 from megatron_latentcot.training.optimizer import Optimizer, no_weight_decay
 from megatron_latentcot.training.pipeline import forward_backward
@@ -83,6 +83,11 @@ class Engine:
                                      coords=coords)
 
     def _autocast(self):
+        """bf16: torch autocast around every forward, the same on CPU and GPU. Master weights,
+        gradients, optimizer state and checkpoints stay fp32; matmuls (the TP linears cast their
+        own operands, ``llama._AutocastCast``) and attention run in bf16; the residual stream,
+        routing, mixing and losses stay fp32. Under FSDP2 the gathers are bf16 too
+        (``optimizer.mixed_precision``)."""
         if self.cfg.train.precision == "bf16":
             return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -93,12 +98,14 @@ class Engine:
                 return self.scheduler.stage_forward(mb, x)
 
         mbs = [_to_device(mb, self.ctx.device) for mb in microbatches]
+        self.optimizer.prefetch_params()  # FSDP2 all-gathers overlap the first forward
+        schedule = self.cfg.parallel.pipeline_schedule
         if self.ctx.pp_size > 1 and self.scheduler.max_steps > 1:  # steps loop through stages
             return latent_pipeline.forward_backward(
                 self.scheduler, mbs, self.ctx, torch.float32,
-                forward_only=forward_only, autocast=self._autocast)
+                forward_only=forward_only, autocast=self._autocast, schedule=schedule)
         return forward_backward(stage_forward, mbs, self.ctx, torch.float32,
-                                forward_only=forward_only)
+                                forward_only=forward_only, schedule=schedule)
 
     def train_step(self, microbatches: list[dict]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches of the global batch.
@@ -187,6 +194,9 @@ class Trainer:
             if load:
                 with self.engine.guard.phase("checkpoint load"):
                     self._load(load)
+            elif tr.init_from:  # a new run from pretrained weights (training/init_from.py)
+                with self.engine.guard.phase("train.init_from load"):
+                    self._init_from(tr.init_from)
         except BaseException:
             self._release()
             raise
@@ -442,6 +452,22 @@ class Trainer:
         self.last_saved = self.save_attempted = it
         self.log_print_early(f"resumed from {path} at iteration {it}{how}")
 
+    def _init_from(self, source: str) -> None:
+        """Weights from ``train.init_from``; everything else starts fresh. All ranks fail
+        together, with one line naming the file or field."""
+        from megatron_latentcot.data.tokenizer import TokenizerError
+        from megatron_latentcot.training import init_from
+
+        error = message = None
+        try:
+            message = init_from.initialize(source, self.cfg, self.ctx, self.engine.model,
+                                           self.engine.optimizer.layouts, self.engine.vocab,
+                                           self.tokenizer.fingerprint)
+        except (ckpt.CheckpointError, TokenizerError) as e:
+            error = str(e)
+        ckpt.agree(self.ctx, error)
+        self.log_print_early(str(message))
+
     def _same_layout(self, manifest: dict[str, Any], files: Any) -> bool:
         """Whether this rank's own file fits as it is (else the checkpoint is re-sliced)."""
         saved = manifest.get("config", {}).get("parallel", {})
@@ -554,19 +580,32 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         from megatron_latentcot.data.dataset import micro_batches
+        from megatron_latentcot.data.prefetch import Prefetcher, pin_batches
 
-        tr, guard = self.cfg.train, self.engine.guard
+        tr = self.cfg.train
         batch_iter = micro_batches(self.train_ds, self.state.consumed_samples,
                                    tr.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size)
+        # The next iteration's micro-batches are read while this one trains (same order).
+        batches = Prefetcher(lambda: self._next_microbatches(batch_iter),
+                             transform=pin_batches if self.ctx.device.type == "cuda" else None)
+        try:
+            return self._iterate(batches)
+        finally:
+            batches.close()
+
+    def _iterate(self, batches: Any) -> dict[str, Any]:
+        """The training iterations from ``batches`` (lists of micro-batches), then the final
+        evaluation and save. Throughput is measured over the iterations only."""
+        tr, guard = self.cfg.train, self.engine.guard
         history: list[float] = []
         self._print_header()
         start_it, start_time = self.state.iteration, time.time()
-        t0, window_flops, window_tokens = start_time, 0.0, 0
+        window = ThroughputWindow(self.ctx.device)
         while self.state.iteration < tr.train_iters:
-            step = self.engine.train_step(self._next_microbatches(batch_iter))
+            window.begin()
+            step = self.engine.train_step(next(batches))
+            window.end(step["flops"], tr.global_batch_size * self.cfg.data.seq_length)
             history.append(step["lm_loss"])
-            window_flops += step["flops"]
-            window_tokens += tr.global_batch_size * self.cfg.data.seq_length
             it = self.state.iteration
             samples = (self.state.consumed_samples - tr.global_batch_size,
                        self.state.consumed_samples)
@@ -575,18 +614,12 @@ class Trainer:
             else:
                 self._check_spike(step["lm_loss"], samples)
             if it % tr.log_interval == 0 or it == tr.train_iters:
-                dt = time.time() - t0
-                n_iter = (it - 1) % tr.log_interval + 1
-                tflops = window_flops / dt / 1e12 / self.ctx.world_size
                 s = dict(step, consumed_tokens=self.state.consumed_tokens,
-                         tokens_per_s=window_tokens / dt, tflops=tflops,
-                         mfu=tflops / self.peak if self.peak else None,
-                         peak_mem_gb=peak_memory_gb(self.ctx.device), s_per_iter=dt / n_iter,
+                         **window.report(self.ctx.world_size, self.peak),
                          train_flops=self.state.train_flops, elapsed_s=time.time() - start_time)
                 s["eta_s"] = s["elapsed_s"] / (it - start_it) * (tr.train_iters - it)
                 self.log.print(format_line(it, tr.train_iters, s))
                 self.log.log(it, {k: v for k, v in s.items() if v is not None})
-                t0, window_flops, window_tokens = time.time(), 0.0, 0
             with guard.phase("preemption-flag all-reduce"):
                 signum = self.preempt.requested(self.ctx.world_size, self.ctx.device)
             if signum:

@@ -13,6 +13,7 @@ import resource
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,63 @@ from megatron_latentcot.config import Config
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last ``reset_peak_memory``; CPU: the process's peak RSS
+    (it cannot be reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class ThroughputWindow:
+    """Tokens/s, TFLOP/s, MFU and peak memory over the training iterations since the last
+    report, and nothing else: the time and memory of what runs between iterations (evaluation,
+    checkpoint saves, logging) are not counted, so a save does not show up as a slow window.
+
+    Wrap each iteration (data fetch included) in ``begin()``/``end()``; ``report()`` closes
+    the window. On CUDA, ``end()`` synchronises so the iteration's kernels are in its time.
+    """
+
+    def __init__(self, device: torch.device, clock: Callable[[], float] | None = None):
+        self.device, self.clock = device, clock or time.perf_counter
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seconds, self.flops, self.tokens, self.iterations = 0.0, 0.0, 0, 0
+        self.peak_gb, self._started = 0.0, None
+
+    def begin(self) -> None:
+        reset_peak_memory(self.device)  # what ran since the last iteration is not ours
+        self._started = self.clock()
+
+    def end(self, flops: float, tokens: int) -> None:
+        if self._started is None:
+            raise RuntimeError("ThroughputWindow.end() without begin()")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += self.clock() - self._started
+        self.flops += flops
+        self.tokens += tokens
+        self.iterations += 1
+        self.peak_gb = max(self.peak_gb, peak_memory_gb(self.device))
+        self._started = None
+
+    def report(self, world_size: int, peak_tflops: float | None) -> dict[str, float | None]:
+        """The window's figures (per device for TFLOP/s and MFU); starts the next window."""
+        if not self.iterations:
+            raise RuntimeError("ThroughputWindow.report() with no iteration in the window")
+        dt = max(self.seconds, 1e-9)
+        tflops = self.flops / dt / 1e12 / world_size
+        out = {"tokens_per_s": self.tokens / dt, "tflops": tflops,
+               "mfu": tflops / peak_tflops if peak_tflops else None,
+               "s_per_iter": self.seconds / self.iterations, "peak_mem_gb": self.peak_gb,
+               "window_iters": float(self.iterations)}
+        self._reset()
+        return out
 
 
 class MetricsLogger:

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from megatron_latentcot.config import Config, ConfigError
+from megatron_latentcot.model.router import Router
 from megatron_latentcot.parallel import ParallelContext, data_parallel_mesh
+from megatron_latentcot.training import fsdp_internals
 from megatron_latentcot.training.reshard import param_layouts
 
 
@@ -30,7 +34,25 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def shard_model(model: nn.Module, ctx: ParallelContext) -> list[nn.Module]:
+def mixed_precision(unit: nn.Module, precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for one unit: under bf16, parameters are gathered (and used) in bf16 and
+    gradients accumulated and reduce-scattered in fp32, over fp32 master shards (Megatron's
+    ``--bf16``); fp32 runs keep FSDP2's default (no casts).
+
+    The router stays fp32 (routing precision). FSDP never casts forward inputs: the residual
+    stream and the latent mixing stay fp32 as without FSDP (the TP linears cast their own
+    operands, ``llama._AutocastCast``); the embeddings' outputs return to fp32 for the same
+    reason. Unlike the unsharded bf16 path, norm weights are then bf16-rounded.
+    """
+    if precision != "bf16" or isinstance(unit, Router):
+        return MixedPrecisionPolicy()
+    embedding = isinstance(unit, (nn.Embedding, VocabParallelEmbedding))
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                output_dtype=torch.float32 if embedding else None,
+                                cast_forward_inputs=False)
+
+
+def shard_model(model: nn.Module, ctx: ParallelContext, precision: str = "fp32") -> list[nn.Module]:
     """fully_shard every parameter-holding child so each is gathered when *it* is called.
 
     The schedulers call the embedding, blocks, norm and head separately (many times per
@@ -39,53 +61,52 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> list[nn.Module]:
     run different numbers of latent steps (different uses per unit, a router with no gradient
     when every token halted), so FSDP2's per-use hooks would issue different collectives on
     each rank. :func:`reduce_sharded_grads` reduces once per unit instead. Returns the units
-    in module order, the order every rank reduces them in.
+    in the order of their first use (embeddings, blocks, norm, head, router), the order every
+    rank prefetches and reduces them in.
     """
     from torch.distributed.fsdp import fully_shard
 
+    fsdp_internals.check_torch()
     mesh = data_parallel_mesh(ctx)
     units = []
-    for child in [*model.layers.values(), *model.children()]:  # blocks; embedding, norm, head, router
-        if child is not model.layers and any(True for _ in child.parameters()):
-            fully_shard(child, mesh=mesh, reshard_after_forward=False)
-            if not hasattr(child, "set_reduce_scatter_unused_params"):
-                raise ConfigError(f"parallel.zero=fsdp2 needs FSDP2's reduce_scatter_unused_params, "
-                                  f"which torch {torch.__version__} lacks (2.13 has it): upgrade "
-                                  "torch or set parallel.zero=none")
-            child.set_reshard_after_backward(False)
-            child.set_requires_gradient_sync(False)
-            child.set_reduce_scatter_unused_params(True)
-            units.append(child)
+    for child in model.children():
+        for unit in (child.values() if child is model.layers else [child]):
+            if not any(True for _ in unit.parameters()):
+                continue
+            fully_shard(unit, mesh=mesh, reshard_after_forward=False,
+                        mp_policy=mixed_precision(unit, precision))
+            unit.set_reshard_after_backward(False)
+            unit.set_requires_gradient_sync(False)
+            unit.set_reduce_scatter_unused_params(True)
+            units.append(unit)
     if any(True for _ in model.parameters(recurse=False)):
         raise ConfigError("internal: the stage module must hold no parameters of its own")
     return units
 
 
+def prefetch(units: list[nn.Module]) -> None:
+    """Start every sharded unit's all-gather now, asynchronously, in first-use order.
+
+    Units stay gathered for the whole iteration (the latent loop reuses them), so each is
+    gathered once per iteration, at its first use; issued up front, the gathers run while
+    the embedding and earlier blocks compute, and each unit's pre-forward waits for its own.
+    Memory is what the iteration holds anyway. Safe under the latent loop: every rank issues
+    the same gathers in the same order whatever its step counts, and a unit that is already
+    gathered (or never used) costs nothing extra. Uses FSDP2's public ``unshard(async_op)``
+    (the collective is ordered after the optimizer's update on the current stream), not
+    ``set_modules_to_forward_prefetch``: with one FSDP root per unit, that issues the copy-in
+    on the target root's own streams without the wait on the update that only a root's
+    pre-forward performs, and it fails before the target's first forward (no streams yet).
+    """
+    for unit in units:
+        unit.unshard(async_op=True)
+
+
 def reduce_sharded_grads(units: list[nn.Module]) -> None:
     """Reduce-scatter each unit's accumulated gradients once, in the same order on every rank,
-    then free the gathered parameters (the update works on the shards).
-
-    FSDP2 has no public call for "reduce now": this runs its post-backward with reduction on,
-    as its own final backward callback would (FSDP2 internals of torch 2.13, which the
-    data-parallel equivalence tests pin down).
-    """
-    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-
-    groups = []
-    for unit in units:
-        group = unit._get_fsdp_state()._fsdp_param_group
-        unit.set_requires_gradient_sync(True, recurse=False)
-        group.post_backward()
-        unit.set_requires_gradient_sync(False, recurse=False)
-        groups.append(group)
-    for unit, group in zip(units, groups, strict=True):
-        group.finalize_backward()  # waits for the reductions (CUDA streams) before the update
-        for rs in group.comm_ctx.reduce_scatter_states:
-            if rs.event is not None:
-                group.device_handle.current_stream().wait_event(rs.event)
-        group.comm_ctx.reduce_scatter_states.clear()
-        group._training_state = TrainingState.IDLE
-        unit.reshard()
+    then free the gathered parameters (the update works on the shards): see
+    :func:`fsdp_internals.reduce_now`, the one use of FSDP2's private API."""
+    fsdp_internals.reduce_now(units)
 
 
 def no_weight_decay(name: str, decay_norms_and_embeddings: bool) -> bool:
@@ -109,7 +130,7 @@ class Optimizer:
             if cfg.model.tie_embeddings:
                 raise ConfigError("model.tie_embeddings is not supported with parallel.zero=fsdp2 "
                                   "and data parallelism; untie or set parallel.zero=none")
-            self.units = shard_model(model, ctx)
+            self.units = shard_model(model, ctx, tr.precision)
         self.model = model
         self.params = dict(model.named_parameters())
         decay, no_decay = [], []
@@ -121,6 +142,11 @@ class Optimizer:
         self.optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2),
             eps=tr.adam_eps, fused=ctx.device.type == "cuda")
+
+    def prefetch_params(self) -> None:
+        """Start this iteration's parameter all-gathers (FSDP2 units; a no-op otherwise)."""
+        if self.sharded:
+            prefetch(self.units)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

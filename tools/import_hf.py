@@ -1,0 +1,17 @@
+"""Import a transformers Llama checkpoint as a run directory (any TP/PP/DP layout).
+
+``python tools/import_hf.py --help`` lists the options. The command line is
+:mod:`megatron_latentcot.cli.import_hf` (this script only runs its ``main``, from any directory,
+without installing the package).
+"""
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_latentcot.cli.import_hf import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
