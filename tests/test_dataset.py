@@ -378,6 +378,8 @@ def _build_on_rank(paths: list[str], cache_dir: str, tokenizer_path: str) -> lis
     try:
         tok = build_tokenizer("sentencepiece", tokenizer_path)
         config = DataConfig(data_path=paths, seq_length=SEQ, cache_dir=cache_dir)
+        if dist.get_rank() != 0:  # rank 0 alone validates and hashes the data: others are told
+            _forbid_reading_data()
         train, valid, _ = build_datasets(config, tok, SEQ, (300, 30, 0), 21)
         assert dist.is_initialized()  # the caller's group is left alone
         return [train[i]["tokens"].tolist() for i in range(0, 300, 7)] + \
@@ -385,6 +387,53 @@ def _build_on_rank(paths: list[str], cache_dir: str, tokenizer_path: str) -> lis
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _forbid_reading_data() -> None:
+    import megatron_latentcot.data.dataset as ds
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"rank {torch.distributed.get_rank()} read the data itself")
+
+    ds.sha256_file = ds.validate_indexed = ds.check_tokenizer = forbidden
+
+
+def _error_on_rank(prefix: str, cache_dir: str, tokenizer_path: str) -> str:
+    import torch.distributed as dist
+
+    from megatron_latentcot.data.tokenizer import build_tokenizer
+
+    dist.init_process_group("gloo")
+    try:
+        if dist.get_rank() != 0:
+            _forbid_reading_data()
+        config = DataConfig(data_path=[prefix], seq_length=SEQ, cache_dir=cache_dir)
+        try:
+            build_datasets(config, build_tokenizer("sentencepiece", tokenizer_path), SEQ,
+                           (10, 0, 0), 1)
+        except (DatasetError, IndexedDatasetError) as e:
+            return str(e)
+        return "no error"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rank_zeros_data_error_is_every_ranks(tmp_path, sp_tokenizer):
+    """A dataset rank 0 rejects (ids beyond the vocabulary, found by the scan only rank 0
+    runs) fails every rank with rank 0's message, instead of leaving them waiting."""
+    from dist_utils import run_distributed
+
+    from megatron_latentcot.data.indexed import IndexedWriter
+
+    vocab = sp_tokenizer.vocab_size
+    with IndexedWriter(tmp_path / "beyond", 2 * vocab) as w:  # no metadata: scanned
+        for i in range(40):
+            w.add_document([(5 * i + j) % vocab for j in range(50)] + [vocab + 3])
+        w.finalize()
+    messages = run_distributed(_error_on_rank, 2, str(tmp_path / "beyond"),
+                               str(tmp_path / "cache"), sp_tokenizer.path)
+    assert messages[0] == messages[1] and "outside the vocabulary" in messages[0], messages
 
 
 @pytest.mark.slow

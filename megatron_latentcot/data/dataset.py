@@ -27,8 +27,9 @@ EOD when ``eod_mask_loss``), and with ``reset_attention_mask`` also ``doc_ids`` 
 ``[seq_length]``: the index of each token's document within the sample, counted by the EODs
 before it (Megatron's rule), so token t may attend to token s iff ``doc_ids[s] == doc_ids[t]``.
 
-Call ``build_datasets`` on every rank: with ``torch.distributed`` initialized, rank 0 builds the
-index cache first and the others load it after a barrier.
+Call ``build_datasets`` on every rank: with ``torch.distributed`` initialized, rank 0 alone
+validates and fingerprints the data (the others receive the answer or its error) and builds the
+index cache first; the others load it after a barrier.
 """
 
 from __future__ import annotations
@@ -240,8 +241,43 @@ class SampleDataset(torch.utils.data.Dataset):
         return f"SampleDataset({self.split}, {len(self)} samples, {type(self.megatron).__name__})"
 
 
-def _fingerprint_idx(prefix: str) -> str:
+def _check_prefix(prefix: str, tokenizer: Any) -> str:
+    """Validate one dataset for ``tokenizer``; returns its ``.idx`` fingerprint."""
+    info = validate_indexed(prefix)
+    if not check_tokenizer(prefix, tokenizer):
+        logger.warning("%s has no .meta.json (not written by tools/preprocess_data.py?): "
+                       "cannot check that it was built with %s", prefix, tokenizer.path)
+        # Without the metadata's guarantee (its writer checked every id), scan the ids: one
+        # beyond the vocabulary would index past the embedding, or under TP be silently
+        # masked to a zero embedding and a zero logit.
+        validate_indexed(prefix, vocab_size=tokenizer.vocab_size, check_tokens=True)
+    if info.tokens == 0:
+        raise DatasetError(f"{prefix}: dataset holds no tokens (empty input?)")
     return sha256_file(prefix + ".idx")
+
+
+def _checked_fingerprints(prefixes: list[str], tokenizer: Any) -> list[str]:
+    """:func:`_check_prefix` of every prefix, run once: on rank 0 when distributed.
+
+    The token scan of a dataset without metadata and the hash of its index read the whole
+    file; the answer is the same on every rank, so rank 0 computes it and broadcasts it (or its
+    error, which every rank then raises) instead of every rank of the job reading the data.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [_check_prefix(p, tokenizer) for p in prefixes]
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = [_check_prefix(p, tokenizer) for p in prefixes]
+        except Exception as e:  # every rank raises it, none waits for a broadcast
+            dist.broadcast_object_list([str(e)], src=0)
+            raise
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], str):
+        raise DatasetError(answer[0])
+    return answer[0]
 
 
 @contextlib.contextmanager
@@ -310,19 +346,8 @@ def build_datasets(
         prefixes, weights = [p for p, _ in kept], [w for _, w in kept]
         if len(prefixes) == 1:  # a blend of one is the dataset itself
             weights = None
-    lengths = []
-    for prefix in prefixes:
-        info = validate_indexed(prefix)
-        if not check_tokenizer(prefix, tokenizer):
-            logger.warning("%s has no .meta.json (not written by tools/preprocess_data.py?): "
-                           "cannot check that it was built with %s", prefix, tokenizer.path)
-            # Without the metadata's guarantee (its writer checked every id), scan the ids: one
-            # beyond the vocabulary would index past the embedding, or under TP be silently
-            # masked to a zero embedding and a zero logit.
-            validate_indexed(prefix, vocab_size=tokenizer.vocab_size, check_tokens=True)
-        if info.tokens == 0:
-            raise DatasetError(f"{prefix}: dataset holds no tokens (empty input?)")
-        lengths.append(open_indexed(prefix, validate=False).sequence_lengths)  # a copy
+    fingerprints = _checked_fingerprints(prefixes, tokenizer)
+    lengths = [open_indexed(p, validate=False).sequence_lengths for p in prefixes]  # copies
     cache_dir = data_cfg.cache_dir or os.path.join(
         os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     try:
@@ -344,7 +369,7 @@ def build_datasets(
         reset_attention_mask=bool(data_cfg.reset_attention_mask),
         eod_mask_loss=bool(data_cfg.eod_mask_loss),
         create_attention_mask=False,
-        data_fingerprints=[_fingerprint_idx(p) for p in prefixes],
+        data_fingerprints=fingerprints,
     )
     config.split_matrix = _check_splits(prefixes, lengths, config.split_matrix, num_samples,
                                         data_cfg.split)
