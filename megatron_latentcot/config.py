@@ -18,7 +18,7 @@ import yaml
 
 from megatron_latentcot.data.tokenizer import TokenizerError, canonical_tokenizer_type
 
-METHODS = ("vanilla", "adaptive", "latent_fixed", "looped", "pause", "pondering")
+METHODS = ("vanilla", "adaptive", "latent_fixed", "looped", "pause", "pondering", "ponderlm2")
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,10 @@ class LatentConfig:
     # [prior, PonderLM]; "embedding_multiplier" s = model.embedding_multiplier, the token
     # embeddings' own scale (what runs before this switch used).
     pondering_embedding_scale: str = "sqrt_hidden"
+    # PonderLM-2's Jacobi passes J over the interleaved sequence (docs/baselines_ponderlm2_mor.md
+    # 1.3): the authors' evaluation J; their training draws J from {2, 3} per micro-batch, fixed
+    # here so every run (and every TP rank) runs the same passes.
+    jacobi_iterations: int = 3
 
 
 @dataclass
@@ -330,6 +334,10 @@ LAYOUT_REFUSALS: tuple[tuple[tuple[str, ...], frozenset[str], str], ...] = (
     (("pause", "pondering"), frozenset({"pp"}), "its K passes are not steps the pipeline can "
      "drive (only the latent loop and looped are)"),
     (("pause", "pondering"), frozenset({"sp"}), "its K passes do not run on token shards"),
+    (("ponderlm2",), frozenset({"pp"}), "its passes over the interleaved sequence are not steps "
+     "the pipeline can drive (only the latent loop and looped are)"),
+    (("ponderlm2",), frozenset({"sp"}), "its passes over the interleaved sequence do not run on "
+     "token shards"),
     (("adaptive", "latent_fixed", "looped"), frozenset({"pp", "sp"}), "the latent pipeline sends "
      "whole activations between stages, not token shards"),
     (("adaptive", "latent_fixed"), frozenset({"pp", "masked"}), "the latent pipeline sends only "
@@ -401,6 +409,8 @@ def validate(cfg: Config) -> None:
     _require(lat.pondering_embedding_scale in ("sqrt_hidden", "embedding_multiplier"),
              "latent.pondering_embedding_scale: expected 'sqrt_hidden' or 'embedding_multiplier', "
              f"got {lat.pondering_embedding_scale!r}")
+    _require(lat.jacobi_iterations >= 0,
+             f"latent.jacobi_iterations: expected >= 0, got {lat.jacobi_iterations}")
 
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     _require(tp >= 1, f"parallel.tensor_model_parallel_size: expected >= 1, got {tp}")

@@ -87,7 +87,22 @@ def latent_train_flops(m: ModelConfig, vocab: int, step_tokens: Sequence[float],
 
 # -- analytic: expected counts of one full sequence ------------------------------------------------
 
-METHODS_COUNTED = ("vanilla", "looped", "pause", "pondering", "latent_fixed", "adaptive")
+METHODS_COUNTED = ("vanilla", "looped", "pause", "pondering", "ponderlm2", "latent_fixed",
+                   "adaptive")
+
+
+def ponderlm2_passes(stages: int, jacobi: int) -> list[int]:
+    """Stages p of each PonderLM-2 training pass (each over p*T interleaved slots): the growing
+    initial passes 1..S-1, then ``jacobi`` Jacobi passes and the final pass over all S
+    (docs/baselines_ponderlm2_mor.md 1.3). The one list the step generator, the FLOPs and the
+    planner read."""
+    return list(range(1, stages)) + [stages] * (jacobi + 1)
+
+
+def _require_jacobi(jacobi: int | None) -> int:
+    if jacobi is None:
+        raise ValueError("ponderlm2: the number of Jacobi passes (jacobi) is required")
+    return jacobi
 
 
 @dataclass
@@ -145,11 +160,11 @@ def latent_counts(seq: int, dist: Sequence[float], adaptive: bool, ptarget: bool
 
 
 def method_counts(method: str, seq: int, k: int, dist: Sequence[float] | None = None,
-                  ptarget: bool = True) -> StepCounts:
+                  ptarget: bool = True, jacobi: int | None = None) -> StepCounts:
     """The scheduler's counts for one full sequence of ``method`` with K_max = ``k``.
 
     ``dist``: adaptive's distribution of last steps (required for it); ``ptarget``: the adaptive
-    loss is on (its per-step p_target head runs).
+    loss is on (its per-step p_target head runs); ``jacobi``: PonderLM-2's J (required for it).
     """
     full = causal_pairs(1, seq)
     if method == "vanilla":
@@ -160,6 +175,9 @@ def method_counts(method: str, seq: int, k: int, dist: Sequence[float] | None = 
         return StepCounts([seq] * k, [full] * k, seq * (2 * k - 1))
     if method == "pause":  # one pass over the K-times longer sequence
         return StepCounts([seq * k], [causal_pairs(1, seq * k)], seq)
+    if method == "ponderlm2":  # fresh causal passes over p*T interleaved slots, one LM head
+        lengths = [seq * p for p in ponderlm2_passes(k, _require_jacobi(jacobi))]
+        return StepCounts(lengths, [causal_pairs(1, n) for n in lengths], seq)
     if method == "latent_fixed":
         return latent_counts(seq, [0.0] * (k - 1) + [1.0], adaptive=False, ptarget=False)
     if method == "adaptive":
@@ -182,10 +200,14 @@ def kaplan_flops_per_token(params: int, passes: float) -> float:
     return 6.0 * params * passes
 
 
-def passes_per_token(method: str, k: int, dist: Sequence[float] | None = None) -> float:
-    """Processed (token, pass) slots per token: the multiplier of the paper's 6·N convention."""
+def passes_per_token(method: str, k: int, dist: Sequence[float] | None = None,
+                     jacobi: int | None = None) -> float:
+    """Processed (token, pass) slots per token: the multiplier of the paper's 6·N convention
+    (PonderLM-2: n(n+1)/2 + (J+1)(n+1) with n = K-1 latent stages; 3 + 2J at n = 1)."""
     if method == "vanilla":
         return 1.0
+    if method == "ponderlm2":
+        return float(sum(ponderlm2_passes(k, _require_jacobi(jacobi))))
     if method == "adaptive":
         if dist is None:
             raise ValueError("adaptive: a distribution of last steps is required")
@@ -197,7 +219,9 @@ def inference_flops_per_token(m: ModelConfig, vocab: int, method: str, seq: int,
                               dist: Sequence[float] | None = None) -> float:
     """Forward FLOPs to generate one token at position ``seq // 2`` with a K/V cache of every
     executed slot: the LM head once per token (plus pondering's per-pass heads and expected
-    embeddings), no p_target head; adaptive at the distribution ``dist`` of last steps."""
+    embeddings), no p_target head; adaptive at the distribution ``dist`` of last steps.
+    PonderLM-2 decodes with the exact recurrence (its K stages one after another, like pause's
+    K slots), not with the training forward's Jacobi passes."""
     c = seq // 2
     layer, L, head = layer_matmul_flops_per_token(m), m.num_layers, head_flops(m, vocab, 1)
     if method == "vanilla":
@@ -205,7 +229,7 @@ def inference_flops_per_token(m: ModelConfig, vocab: int, method: str, seq: int,
     if method in ("vanilla", "looped", "pondering"):
         heads = 2 * k - 1 if method == "pondering" else 1  # + K-1 heads and expected embeddings
         return k * L * (layer + attention_flops(m, c + 1)) + heads * head
-    if method == "pause":  # the token and its K-1 pauses, over a K-times longer cache
+    if method in ("pause", "ponderlm2"):  # K slots per token, over a K-times longer cache
         attn = sum(attention_flops(m, k * c + j) for j in range(1, k + 1))
         return k * L * layer + L * attn + head
     if method == "latent_fixed":

@@ -80,6 +80,24 @@ class ParallelContext:
     def dp_group(self) -> dist.ProcessGroup:
         return parallel_state.get_data_parallel_group()
 
+    def p2p_group(self, kind: str, upward: bool) -> dist.ProcessGroup | None:
+        """The communicator of one pipeline message stream: ``kind`` "F" (activations) or "B"
+        (gradients), sent to a higher stage (``upward``) or a lower one.
+
+        Why four: NCCL serialises every send and receive between two ranks of one communicator
+        on one stream, and a send of a large message waits for the matching receive. With
+        PP = 2 the latent loop's wrap-around (the last stage's output back to stage 0, and its
+        gradient) runs against the ordinary direction between the same two ranks; on one
+        communicator each rank's send would wait behind the other's. One communicator per
+        (kind, direction) carries one ordered stream per pair (``schedules.check_links``).
+        """
+        if kind == "F" and upward:
+            return None  # the default group
+        if kind == "B" and not upward:
+            return self.pp_group
+        forward_down, backward_up = _WRAP_GROUPS[(self.dp_rank, self.tp_rank)]
+        return forward_down if kind == "F" else backward_up
+
     def stage_rank(self, pp_rank: int) -> int:
         """Global rank of the rank holding the same (tp, dp) position on stage ``pp_rank``."""
         return (pp_rank * self.dp_size + self.dp_rank) * self.tp_size + self.tp_rank
@@ -152,6 +170,21 @@ def slurm_rendezvous(environ: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+# (dp rank, tp rank) -> this pipeline's (activations downward, gradients upward) groups: see
+# ParallelContext.p2p_group. Built with megatron's groups, on every rank in the same order.
+_WRAP_GROUPS: dict[tuple[int, int], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
+def _build_wrap_groups(tp: int, pp: int, dp: int) -> None:
+    _WRAP_GROUPS.clear()
+    if pp == 1:
+        return
+    for d in range(dp):
+        for t in range(tp):
+            ranks = [(s * dp + d) * tp + t for s in range(pp)]
+            _WRAP_GROUPS[(d, t)] = (dist.new_group(ranks), dist.new_group(ranks))
+
+
 def init_distributed(cfg: ParallelConfig) -> ParallelContext:
     """Start (or join) the process group from torchrun's or Slurm's (``srun``) environment.
 
@@ -204,12 +237,13 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
         parallel_state.destroy_model_parallel()
     # Reused when the sizes match: megatron's destroy only drops its references, so building
     # the groups again (every model a process loads) would leak their gloo threads.
+    dp = world // (tp * pp)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             distributed_timeout_minutes=cfg.timeout_minutes,  # a float: seconds work in tests
         )
-    dp = world // (tp * pp)
+        _build_wrap_groups(tp, pp, dp)
     ctx = ParallelContext(
         rank=rank, world_size=world, local_rank=local_rank or 0,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
@@ -243,4 +277,5 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         parallel_state.destroy_model_parallel()
+        _WRAP_GROUPS.clear()
         dist.destroy_process_group()

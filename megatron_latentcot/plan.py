@@ -203,6 +203,9 @@ def step_profile(cfg: Config, rows: int, fractions: list[float] | None = None) -
         return [Step(rows * long, rows * long, long, long, False, False)]
     if lat.method in ("looped", "pondering"):
         return [Step(n, n, seq, seq, False, False) for _ in range(k_max)]
+    if lat.method == "ponderlm2" and k_max > 1:  # fresh causal passes over p*T interleaved slots
+        return [Step(n * p, n * p, seq * p, seq * p, False, False)
+                for p in flops.ponderlm2_passes(k_max, lat.jacobi_iterations)]
     if lat.method != "adaptive" or fractions is None:
         fractions = [1.0] * k_max
     if len(fractions) != k_max:
@@ -357,6 +360,8 @@ def activation_bytes(cfg: Config, vocab: int, tp: int, pp_rank: int, rows: int,
         vocab_local = dm.vocab
         if lat.method == "pause":
             head += _norm(steps[0].n, dm)
+        elif lat.method == "ponderlm2" and len(steps) > 1:  # final norm of every pass
+            head += sum(_norm(s.n, dm) for s in steps)
         elif lat.method in ("vanilla", "looped") or len(steps) == 1:
             head += _norm(n, dm)
         elif lat.method == "pondering":
@@ -385,7 +390,8 @@ def pipeline_units(cfg: Config) -> int:
     """Units (steps) one micro-batch runs through a stage under PP: K for the latent loop and
     looped (``latent_pipeline.py``), 1 for one-pass models (``pipeline.py``)."""
     lat = cfg.latent
-    if lat.method == "vanilla" or lat.max_steps == 1 or lat.method in ("pause", "pondering"):
+    if lat.method == "vanilla" or lat.max_steps == 1 or lat.method in ("pause", "pondering",
+                                                                        "ponderlm2"):
         return 1
     return lat.max_steps
 
@@ -480,7 +486,7 @@ def flops_counts(cfg: Config, fractions: list[float] | None = None) -> flops.Ste
                               f"got {len(fractions)}")
         dist = flops.last_step_dist(fractions or [1.0] * k)
     return flops.method_counts(lat.method, cfg.data.seq_length, k, dist,
-                               ptarget=lat.adaptive_loss_weight > 0)
+                               ptarget=lat.adaptive_loss_weight > 0, jacobi=lat.jacobi_iterations)
 
 
 def train_flops_per_token(cfg: Config, vocab: int, fractions: list[float] | None = None,

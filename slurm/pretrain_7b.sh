@@ -64,8 +64,8 @@ TP=${TP-}                                     # tensor parallel (7B config: 4)
 # Which method runs under which layout: LAYOUT_REFUSALS in megatron_latentcot/config.py, one table
 # read by the trainer and by the planner check below (PLAN_CHECK=1). With K_max > 1, PP > 1 and
 # SP exclude each other, and adaptive or latent_fixed with latent.compact=false run with neither.
-PP=${PP-}                                     # pipeline parallel; with K_max > 1 not for: pause pondering
-SP=${SP-}                                     # sequence parallel (needs TP > 1); with K_max > 1 not for: pause pondering
+PP=${PP-}                                     # pipeline parallel; with K_max > 1 not for: pause pondering ponderlm2
+SP=${SP-}                                     # sequence parallel (needs TP > 1); with K_max > 1 not for: pause pondering ponderlm2
 ZERO=${ZERO-fsdp2}                            # ZeRO over data parallel: fsdp2 or none
 RECOMPUTE=${RECOMPUTE-}                       # activation recompute per block: true/false
 MICRO_BATCH=${MICRO_BATCH-}

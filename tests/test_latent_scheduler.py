@@ -64,7 +64,7 @@ def reference_run(cfg, model, mb):
         rope_theta=m.rope_theta, norm_eps=m.norm_eps,
         embedding_multiplier=model.embedding_multiplier, max_steps=lat.max_steps, tau=lat.tau,
         adaptive_loss_weight=lat.adaptive_loss_weight, adaptive_loss_beta=lat.adaptive_loss_beta,
-        tie_embeddings=m.tie_embeddings)
+        tie_embeddings=m.tie_embeddings, jacobi_iterations=lat.jacobi_iterations)
     out = run_reference(lat.method, params, ref_cfg, mb["tokens"], mb["labels"], mb["loss_mask"],
                         mb.get("doc_ids"))
     out["loss"].backward()
@@ -75,7 +75,7 @@ def ours_run(model, sched, mb):
     from megatron_latentcot.model.llama import logical_parameters
 
     model.zero_grad(set_to_none=True)
-    out = sched.forward(mb)
+    out = sched.drive(sched.steps(mb, keep_logits=True), mb)
     out.loss.backward()
     grads = {name: lp.grad().clone() for name, lp in logical_parameters(model)
              if lp.grad() is not None}
@@ -385,7 +385,7 @@ def _baseline_tp(tp: int, method: str) -> float:
     return loss
 
 
-@pytest.mark.parametrize("method", ["pondering", "pause", "looped"])
+@pytest.mark.parametrize("method", ["pondering", "pause", "looped", "ponderlm2"])
 def test_baselines_tensor_parallel_equal_single(method):
     from tests.dist_utils import run_distributed
 

@@ -34,7 +34,7 @@ def expected_to_run(method: str, k: int, pp: bool, sp: bool, compact: bool) -> b
     """What the README says, written out independently of config.py's table."""
     if method == "vanilla" or k == 1:
         return True
-    if method in ("pause", "pondering"):
+    if method in ("pause", "pondering", "ponderlm2"):
         return not pp and not sp
     if pp and sp:
         return False

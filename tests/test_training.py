@@ -85,7 +85,7 @@ def test_adaptive_trains_and_router_stays_adaptive(sotu_data, tmp_path):
     assert all(1.0 < s < 3.0 for s in steps), steps
 
 
-@pytest.mark.parametrize("method", ["latent_fixed", "looped", "pondering", "pause"])
+@pytest.mark.parametrize("method", ["latent_fixed", "looped", "pondering", "pause", "ponderlm2"])
 def test_every_baseline_trains_on_real_text(sotu_data, tmp_path, method):
     result = run_distributed(_train, 1, TINY + data_overrides(sotu_data) + [
         f"latent.method={method}", "latent.max_steps=2", "model.embedding_multiplier=null",

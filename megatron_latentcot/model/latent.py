@@ -283,8 +283,9 @@ class LatentStepScheduler:
         the final logits too."""
         feed = Feed(mb, streams, keep_logits)
         method = self.cfg.latent.method
-        if self.max_steps > 1 and method in ("looped", "pondering", "pause"):
-            out = yield from getattr(baselines, method)(self.stage, feed, self.max_steps)
+        if self.max_steps > 1 and method in ("looped", "pondering", "pause", "ponderlm2"):
+            extra = {"jacobi": self.cfg.latent.jacobi_iterations} if method == "ponderlm2" else {}
+            out = yield from getattr(baselines, method)(self.stage, feed, self.max_steps, **extra)
             return self._baseline_output(feed, *out)
         return (yield from self._latent_steps(feed))
 
@@ -296,7 +297,8 @@ class LatentStepScheduler:
 
     @property
     def slots_per_token(self) -> int:
-        """Positions one token occupies in the layers' sequence (pause: K, else 1)."""
+        """Positions one token occupies in the layers' sequence (pause: K, else 1; ponderlm2's
+        K stages share the token's position)."""
         return self.max_steps if self.cfg.latent.method == "pause" else 1
 
     # -- the latent loop -------------------------------------------------------------------
@@ -451,11 +453,12 @@ class LatentStepScheduler:
 
     def _baseline_output(self, feed: Feed, loss: torch.Tensor, logits: torch.Tensor | None,
                          plans: list[AttentionPlan]) -> LatentOutput:
-        """A baseline's LatentOutput: one record per run (``plans``), every token K passes."""
+        """A baseline's LatentOutput: one record per run (``plans``: its queries, e.g. pause's
+        and ponderlm2's K slots per real token), every token K passes."""
         method, k = self.cfg.latent.method, self.max_steps
         n = feed.slots.numel()
-        per_run = n * k if method == "pause" else n  # pause: K slots per real token, one run
-        records = [StepRecord(per_run, n, visible_pairs(p)) for p in plans]
+        records = [StepRecord(p.rows * p.seq if p.dense else p.q_slots.numel(), n,
+                              visible_pairs(p)) for p in plans]
         # pondering: K-1 extra LM heads and K-1 expected-embedding matmuls, all with gradient
         head_tokens = n * (2 * k - 1) if method == "pondering" else n
         steps = torch.full((n,), k, dtype=torch.long, device=feed.slots.device)

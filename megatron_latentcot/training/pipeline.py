@@ -25,10 +25,12 @@ class P2P:
     """Non-blocking sends and blocking receives between pipeline stages, driven by a
     ``schedules.Plan``.
 
-    Forward messages and gradients travel on two communicators, each in the same order at both
-    ends (``schedules.check_links``). A send is waited for (and its buffer released) once a
-    message from its receiver proves the receiving op done: a peer that sent op j has finished
-    every op before j. So pending buffers stay bounded by the schedule, not by M.
+    Each (kind, direction) of message travels on its own communicator
+    (``ParallelContext.p2p_group``), in the same order at both ends (``schedules.check_links``),
+    so no two ranks ever wait on each other's sends on one NCCL stream. A send is waited for
+    (its buffer released) once a message from its receiver proves the receiving op done: a
+    peer that sent op j has finished every op before j. So pending buffers stay bounded by the
+    schedule, not by M.
     """
 
     def __init__(self, ctx: ParallelContext, plan: schedules.Plan):
@@ -36,20 +38,19 @@ class P2P:
         self.pending: list[tuple[int, int, dist.Work, torch.Tensor]] = []  # (peer, its op, ...)
         self.op: schedules.Op = ("F", 0, 1)  # the op being run (set by the driver)
 
-    def _group(self, kind: str):
-        return None if kind == "F" else self.ctx.pp_group
-
     def isend(self, t: torch.Tensor) -> None:
         """Send part of the current op's message to its receiver."""
         peer, index = self.plan.consumer(self.op, self.ctx.pp_rank)
         t = t.contiguous()
-        work = dist.isend(t, self.ctx.stage_rank(peer), group=self._group(self.op[0]))
+        group = self.ctx.p2p_group(self.op[0], upward=peer > self.ctx.pp_rank)
+        work = dist.isend(t, self.ctx.stage_rank(peer), group=group)
         self.pending.append((peer, index, work, t))
 
     def recv(self, t: torch.Tensor) -> torch.Tensor:
         """Receive (into ``t``) part of the message the current op takes."""
         peer, index = self.plan.producer(self.op, self.ctx.pp_rank)
-        dist.recv(t, self.ctx.stage_rank(peer), group=self._group(self.op[0]))
+        group = self.ctx.p2p_group(self.op[0], upward=self.ctx.pp_rank > peer)
+        dist.recv(t, self.ctx.stage_rank(peer), group=group)
         self._release(peer, index)
         return t
 
@@ -57,7 +58,8 @@ class P2P:
         keep = []
         for entry in self.pending:
             if entry[0] == peer and entry[1] < before:
-                entry[2].wait()  # received already: returns at once
+                entry[2].wait()  # gloo: received already, returns at once (NCCL keeps its
+                # own reference to the buffer and never blocks the host here)
             else:
                 keep.append(entry)
         self.pending = keep

@@ -15,8 +15,10 @@ Megatron's interleaved schedule with the steps as its model chunks. Two schedule
   models (K = 1, the standard 1F1B), whatever M.
 
 Every stage derives the same lists, so all agree on which units exist (a halted micro-batch's
-later units are no-ops everywhere). Forward messages and gradients travel on separate
-communicators; on each, both ends list their messages in the same order (``check_links``).
+later units are no-ops everywhere). Each (kind, direction) of message has its own communicator
+(``ParallelContext.p2p_group``: with PP = 2 the wrap-around runs against the ordinary direction
+between the same two ranks, which on one NCCL communicator would deadlock); on each, both ends
+list their messages in the same order (``check_links``).
 """
 
 from __future__ import annotations

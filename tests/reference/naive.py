@@ -45,6 +45,7 @@ class RefConfig:
     adaptive_loss_weight: float = 0.1
     adaptive_loss_beta: float = 1.0
     tie_embeddings: bool = False
+    jacobi_iterations: int = 3  # PonderLM-2's Jacobi passes J
 
     @property
     def head_dim(self) -> int:
@@ -262,6 +263,15 @@ def _embed_all(params: Params, cfg: RefConfig, tokens: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
+def _normed_head(
+    params: Params, cfg: RefConfig, z: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Logits of final-norm outputs z [B, T, H] and their L_LM (the only loss)."""
+    logits = z @ lm_head_weight(params, cfg).T
+    lm_loss = masked_ce(logits, labels, loss_mask)
+    return {"logits": logits, "lm_loss": lm_loss, "loss": lm_loss}
+
+
 # --------------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------------
@@ -277,9 +287,7 @@ def vanilla(
 ) -> dict[str, torch.Tensor]:
     """METHOD.md 'vanilla': plain causal Llama; logits = norm(h) @ lm_head.T; loss = L_LM."""
     h = causal_forward(params, cfg, _embed_all(params, cfg, tokens), doc_ids)
-    logits = final_norm(params, cfg, h) @ lm_head_weight(params, cfg).T
-    lm_loss = masked_ce(logits, labels, loss_mask)
-    return {"logits": logits, "lm_loss": lm_loss, "loss": lm_loss}
+    return _normed_head(params, cfg, final_norm(params, cfg, h), labels, loss_mask)
 
 
 def looped(
@@ -298,9 +306,7 @@ def looped(
     h = _embed_all(params, cfg, tokens)
     for _ in range(cfg.max_steps):
         h = causal_forward(params, cfg, h, doc_ids)
-    logits = final_norm(params, cfg, h) @ lm_head_weight(params, cfg).T
-    lm_loss = masked_ce(logits, labels, loss_mask)
-    return {"logits": logits, "lm_loss": lm_loss, "loss": lm_loss}
+    return _normed_head(params, cfg, final_norm(params, cfg, h), labels, loss_mask)
 
 
 def pondering(
@@ -324,9 +330,7 @@ def pondering(
     for _ in range(cfg.max_steps - 1):
         probs = torch.softmax(final_norm(params, cfg, h) @ w_out.T, dim=-1)
         h = causal_forward(params, cfg, e + probs @ e_mat, doc_ids)
-    logits = final_norm(params, cfg, h) @ w_out.T
-    lm_loss = masked_ce(logits, labels, loss_mask)
-    return {"logits": logits, "lm_loss": lm_loss, "loss": lm_loss}
+    return _normed_head(params, cfg, final_norm(params, cfg, h), labels, loss_mask)
 
 
 def pause(
@@ -357,9 +361,89 @@ def pause(
     docs = None if doc_ids is None else doc_ids.repeat_interleave(k_sz, dim=1)
     h = causal_forward(params, cfg, x, docs)
     h_read = h[:, k_sz - 1 :: k_sz, :]  # [B, T, H]: last slot of each token's group
-    logits = final_norm(params, cfg, h_read) @ lm_head_weight(params, cfg).T
-    lm_loss = masked_ce(logits, labels, loss_mask)
-    return {"logits": logits, "lm_loss": lm_loss, "loss": lm_loss}
+    return _normed_head(params, cfg, final_norm(params, cfg, h_read), labels, loss_mask)
+
+
+def _ponderlm2_visible(doc_ids: torch.Tensor | None) -> Callable[[Slot, Slot], bool]:
+    """PonderLM-2's causal rule over the interleaved slots (b, t, i) (stage i of token t): same
+    row (and doc), and t' < t, or t' == t with i' <= i."""
+
+    def visible(s: Slot, s2: Slot) -> bool:
+        same_doc = doc_ids is None or bool(doc_ids[s[0], s2[1]] == doc_ids[s[0], s[1]])
+        earlier = s2[1] < s[1] or (s2[1] == s[1] and s2[2] <= s[2])
+        return s2[0] == s[0] and earlier and same_doc
+
+    return visible
+
+
+def _ponderlm2_pass(
+    params: Params, cfg: RefConfig, stage_inputs: list[torch.Tensor], doc_ids: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """One fresh pass over the stages [B, T, H] of ``stage_inputs`` (all executed together, every
+    stage at RoPE position t) -> each stage's final-norm output [B, T, H]."""
+    b_sz, n = stage_inputs[0].shape[:2]
+    history: list[dict[Slot, torch.Tensor]] = [{} for _ in range(cfg.num_layers)]
+    new = {(b, t, i): x[b, t] for i, x in enumerate(stage_inputs)
+           for b in range(b_sz) for t in range(n)}
+    out = run_layers(params, cfg, new, lambda s: s[1], _ponderlm2_visible(doc_ids), history)
+    return [
+        final_norm(params, cfg, torch.stack([torch.stack([out[(b, t, i)] for t in range(n)])
+                                             for b in range(b_sz)]))
+        for i in range(len(stage_inputs))
+    ]
+
+
+def ponderlm2(
+    params: Params,
+    cfg: RefConfig,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """PonderLM-2's training forward (docs/baselines_ponderlm2_mor.md 1.3), S = max_steps stages.
+
+    z^(0) = e. Initial passes p = 1..S-1 over stages 0..p-1, each replacing z^(1..p) by the
+    outputs of stages 0..p-1; then J = jacobi_iterations passes over all S stages, each
+    replacing z^(1..S-1) by the outputs of stages 0..S-2; a final pass; logits = lm_head of the
+    last stage's output. All passes differentiable.
+    """
+    s_max = cfg.max_steps
+    e = _embed_all(params, cfg, tokens)
+    z: list[torch.Tensor] = []  # z^(1), z^(2), ...
+    for _ in range(1, s_max):  # initial passes
+        z = _ponderlm2_pass(params, cfg, [e, *z], doc_ids)
+    for _ in range(cfg.jacobi_iterations):
+        z = _ponderlm2_pass(params, cfg, [e, *z], doc_ids)[: s_max - 1]
+    last = _ponderlm2_pass(params, cfg, [e, *z], doc_ids)[-1]
+    return _normed_head(params, cfg, last, labels, loss_mask)
+
+
+def ponderlm2_exact(
+    params: Params,
+    cfg: RefConfig,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The exact PonderLM-2 recurrence (its decoding, 1.5): one slot at a time in (t, i) order,
+    stage i+1's input the final-norm output of stage i, each slot attending under the causal
+    rule to every slot already executed; logits from the last stage."""
+    b_sz, n = tokens.shape
+    history: list[dict[Slot, torch.Tensor]] = [{} for _ in range(cfg.num_layers)]
+    visible = _ponderlm2_visible(doc_ids)
+    rows = []
+    for b in range(b_sz):
+        row = []
+        for t in range(n):
+            x = embed(params, cfg, int(tokens[b, t]))
+            for i in range(cfg.max_steps):
+                out = run_layers(params, cfg, {(b, t, i): x}, lambda s: s[1], visible, history)
+                x = final_norm(params, cfg, out[(b, t, i)])
+            row.append(x)
+        rows.append(torch.stack(row))
+    return _normed_head(params, cfg, torch.stack(rows), labels, loss_mask)
 
 
 def _latent(
@@ -536,6 +620,7 @@ METHODS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "looped": looped,
     "pondering": pondering,
     "pause": pause,
+    "ponderlm2": ponderlm2,
 }
 
 
