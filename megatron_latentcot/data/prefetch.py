@@ -3,8 +3,8 @@
 The thread only calls ``next()`` on the same deterministic iterator the training thread would
 (dataset reads, collation; no RNG), in the same order, so training sees the same batches bit
 for bit; a resume restarts the iterator from ``consumed_samples`` and what was prefetched but
-not trained on is simply dropped. With ``pin=True`` (CUDA) the tensors are copied into pinned
-host memory, so the ``non_blocking`` copy to the GPU overlaps with compute.
+not trained on is simply dropped. On CUDA the tensors are copied into pinned host memory
+(``pin_batches``), so the copy to the GPU does not stage through pageable memory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def pin_batches(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.
 
 
 class Prefetcher(Generic[T]):
-    """Iterate ``produce()`` results computed ``depth`` items ahead in a daemon thread.
+    """Iterate ``produce()`` results computed ahead in a daemon thread: ``depth`` items queued,
+    plus the one the thread holds while it waits for room.
 
     ``produce`` raising ``StopIteration`` ends the iteration; any other exception is raised in
     the consumer at the item where it happened, with its traceback. ``close()`` stops the

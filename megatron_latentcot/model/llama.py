@@ -353,7 +353,8 @@ class LlamaStage(nn.Module):
                                      if cfg.latent.pondering_embedding_scale == "sqrt_hidden"
                                      else self.embedding_multiplier)
         # Shapes only: every parameter is allocated once, on ctx.device, by materialise(), and
-        # init_weights() then draws just this rank's shard (a 7B rank never holds the model).
+        # init_weights() then draws just this rank's TP shard (with TP = 1 that is the whole
+        # stage, which FSDP2 then shards over data parallelism).
         with torch.device("meta"):
             if self.pre_process:
                 self.embed_tokens = Embedding(

@@ -458,14 +458,21 @@ class Trainer:
         from megatron_latentcot.data.tokenizer import TokenizerError
         from megatron_latentcot.training import init_from
 
-        error = message = None
+        error = message = failure = None
         try:
             message = init_from.initialize(source, self.cfg, self.ctx, self.engine.model,
                                            self.engine.optimizer.layouts, self.engine.vocab,
                                            self.tokenizer.fingerprint)
         except (ckpt.CheckpointError, TokenizerError) as e:
             error = str(e)
-        ckpt.agree(self.ctx, error)
+        except Exception as e:  # anything else (a bug, memory): the other ranks must not wait
+            error, failure = f"{type(e).__name__}: {e}", e
+        try:
+            ckpt.agree(self.ctx, error)
+        except ckpt.CheckpointError:
+            if failure is not None:  # this rank's own traceback, not a one-line input error
+                raise failure from None
+            raise
         self.log_print_early(str(message))
 
     def _same_layout(self, manifest: dict[str, Any], files: Any) -> bool:
