@@ -346,11 +346,15 @@ def run_chaos(data: dict[str, str], workdir: Path, world: int = 2, kills: int = 
                 rec["at"] = hit[1] if hit else None
             elif plan.kind == "iter":
                 job.wait_for(lambda r, line, j=job: j.resumed_at is not None, job_timeout)
-                target = min((job.resumed_at or 0) + plan.after_iters, iters - 4)
-                prefix = f"iter {target:>6d}/"
-                job.wait_for(lambda r, line, s=prefix: line.startswith(s), job_timeout)
-                time.sleep(plan.delay)
-                rec["at"] = f"iteration {target} + {plan.delay:.2f} s"
+                resumed = job.resumed_at or 0
+                target = min(resumed + plan.after_iters, iters - 4)
+                if target > resumed:  # an iteration of this attempt to kill after
+                    prefix = f"iter {target:>6d}/"
+                    job.wait_for(lambda r, line, s=prefix: line.startswith(s), job_timeout)
+                    time.sleep(plan.delay)
+                    rec["at"] = f"iteration {target} + {plan.delay:.2f} s"
+                else:  # resumed inside the last iterations (no line to wait for): kill now
+                    rec["at"] = f"right after resuming at iteration {resumed}"
             else:  # a random time, but before the run can finish
                 late = job.wait_for(lambda r, line: _iteration(line) >= iters - 4,
                                     plan.delay - (time.monotonic() - job.started))
