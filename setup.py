@@ -21,6 +21,8 @@ setup(
         "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6", "transformers>=4.45", "safetensors"],
         "wandb": ["wandb"],
         "eval": ["lm-eval>=0.4"],  # the lm-evaluation-harness adapter (megatron_latentcot.eval.lm_eval)
+        # parallel.zero=deepspeed (ZeRO-1/2); on CPU install with DS_BUILD_OPS=0 --no-build-isolation
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
     },
     entry_points={
         "console_scripts": [

@@ -16,8 +16,11 @@ nested survivors, documents of mean length 512 masked), every step's plan is bui
   share of each (build on CPU here: an upper bound for a GPU build);
 * ``sdpa_mask``: the dense per-row boolean mask SDPA would build (the per-pair floor);
 * the K/V copies each layer makes per step, forward (bf16 bytes read + written, at 4.8 TB/s of
-  H200 HBM): ``torch.cat`` of the packed cache with the step's keys, then flex's per-row copy of
-  the cache, against an append-only cache that only writes the step's new keys;
+  H200 HBM): the previous implementation's ``torch.cat`` of the packed cache with the step's
+  keys, then flex's per-row copy of the cache, against the in-place cache that runs now
+  (:class:`~megatron_latentcot.model.attention.KVStore`: it only writes the step's new keys);
+  and the K/V bytes held for backward per micro-batch: every later step's row copy (old) against
+  the one store per layer sized for every (t, k) slot (new, ``kv_cache``);
 * a 50-iteration adaptive run of a small model with compiled flex on CPU (widths varying
   between iterations): the graphs compiled.
 
@@ -167,7 +170,33 @@ def mask_row(name: str, seq: int, rows: int, k: int, plan: AttentionPlan, rates:
             "build_over_step": seconds / step_s,
             "kv_copy_bytes": cfg.num_layers * (cat + gather),
             "kv_append_bytes": cfg.num_layers * append,
-            "kv_copy_over_step": cfg.num_layers * (cat + gather) / HBM / step_s}
+            "kv_copy_over_step": cfg.num_layers * (cat + gather) / HBM / step_s,
+            # what the old layout kept for backward: the step's row copy of the whole cache
+            "kv_held_old_bytes": 0 if k == 1 else cfg.num_layers * kv_row * lay.k_pos.numel(),
+            "kv_store_bytes": cfg.num_layers * kv_row * rows * attn.cache_capacity(
+                len(FRACTIONS) * seq, "flex")}
+
+
+KV_COLUMNS = [("model", "model", ""), ("seq", "T", ""), ("rows", "B", ""),
+              ("moved_old", "K/V moved old", ".3g"), ("moved_new", "in place", ".3g"),
+              ("moved_ratio", "ratio", ".1f"), ("held_old", "K/V held old", ".3g"),
+              ("held_new", "store", ".3g"), ("held_ratio", "ratio", ".2f")]
+
+
+def kv_cache_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape: K/V bytes moved and held for one micro-batch's forward, old vs in place
+    (which zeroes its store once: unwritten columns are masked and must be finite)."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["seq"], r["rows"]) for r in rows):
+        steps = [r for r in rows if (r["model"], r["seq"], r["rows"]) == key]
+        moved_old = sum(r["kv_copy_bytes"] for r in steps)
+        held_old = sum(r["kv_held_old_bytes"] for r in steps)
+        store = steps[0]["kv_store_bytes"]
+        moved_new = store + sum(r["kv_append_bytes"] for r in steps)  # zeroed once, then writes
+        out.append({"model": key[0], "seq": key[1], "rows": key[2], "moved_old": moved_old,
+                    "moved_new": moved_new, "moved_ratio": moved_old / moved_new,
+                    "held_old": held_old, "held_new": store, "held_ratio": held_old / store})
+    return out
 
 
 def compiled_run(iterations: int, seq: int = 300) -> dict[str, Any]:
@@ -237,7 +266,9 @@ def main() -> None:
             rows.append(mask_row(name, seq, mb, k, plan, rates[k], repeats))
             print(format_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
     run = compiled_run(8 if args.quick else 50)
+    kv = kv_cache_rows(rows)
     print(format_table(rows, COLUMNS))
+    print(format_table(kv, KV_COLUMNS))
     print(f"compiled flex, adaptive run: {run}")
     path = write_json(args.out, "attention", torch.device("cpu"), args, {
         "notes": "old = create_block_mask over the packed grid, extrapolated from the reduced "
@@ -245,7 +276,8 @@ def main() -> None:
                  "measured at full shape (peak allocation, median build time on CPU). GPU times "
                  "are estimates: FLOPs / (0.4 * 989 TFLOP/s), forward + backward, every layer.",
         "fractions": list(FRACTIONS), "doc_len": DOC_LEN, "old_reduced": reduced, "rows": rows,
-        "min_bytes_ratio": min(r["bytes_ratio"] for r in rows), "compiled_run": run})
+        "min_bytes_ratio": min(r["bytes_ratio"] for r in rows), "kv_cache": kv,
+        "compiled_run": run})
     print(f"wrote {path}")
 
 

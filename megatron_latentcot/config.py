@@ -18,7 +18,8 @@ import yaml
 
 from megatron_latentcot.data.tokenizer import TokenizerError, canonical_tokenizer_type
 
-METHODS = ("vanilla", "adaptive", "latent_fixed", "looped", "pause", "pondering", "ponderlm2")
+METHODS = ("vanilla", "adaptive", "latent_fixed", "looped", "pause", "pondering", "ponderlm2",
+           "mor")
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,27 @@ class LatentConfig:
 
 
 @dataclass
+class MoRConfig:
+    """Mixture-of-Recursions (``latent.method: mor``, docs/baselines_ponderlm2_mor.md 2, 3.2):
+    unique first and last layers around a block of floor((L-2)/N_r) layers applied N_r times."""
+
+    num_recursion: int = 3  # N_r (latent.max_steps must equal it: the step count)
+    router: str = "expert"  # "expert" (a top-k router per recursion) or "token" (one depth each)
+    capacity: list[float] | None = None  # expert c_r, non-increasing in (0, 1]; None = (N_r-r+1)/N_r
+    alpha: float | None = None  # gate scale: None = the authors' 0.1 (expert) / 1.0 (token)
+    aux_coeff: float = 0.001  # expert: x the BCE of the router logits vs selection, summed over r
+    bal_coeff: float = 0.1  # token: x the balancing loss sum_r P_r f_r
+    z_coeff: float = 1e-5  # token: x the router z-loss mean (logsumexp)^2
+    kv_sharing: bool = False  # recursion 1's K/V read by later recursions (not implemented yet)
+    # expert: "topk" (the authors' training rule: per row the k_r best, sees future tokens) or
+    # "threshold" (continue iff sigmoid(a) >= 0.5: causal, the rule decoding always uses)
+    expert_selection: str = "topk"
+    # Test-only: "replace" (h <- F(h) on the selected tokens) instead of the authors' "weighted"
+    # combine; with capacity 1 everywhere the model is then a middle-cycle looped model.
+    combine: str = "weighted"
+
+
+@dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -98,8 +120,11 @@ class ParallelConfig:
     # at most K x PP - stage (micro-batch, step) units alive, whatever the number of
     # micro-batches) or "gpipe" (every forward, then every backward: all alive).
     pipeline_schedule: str = "1f1b"
-    # Optimizer-state sharding over the data-parallel group: "fsdp2" (ZeRO via FSDP2) or "none".
+    # Optimizer-state sharding over the data-parallel group: "fsdp2" (ZeRO via FSDP2), "none" or
+    # "deepspeed" (DeepSpeed ZeRO-1/2, PP = 1 only: training/deepspeed_zero.py).
     zero: str = "fsdp2"
+    deepspeed_config: str | None = None  # a ds_config.json (its zero_optimization is read)
+    zero_stage: int | None = None  # DeepSpeed ZeRO stage (1 or 2); None = the file's, else 2
     backend: str = "auto"  # "auto" (nccl with CUDA, else gloo), "nccl" or "gloo"
     timeout_minutes: float = 10.0
 
@@ -178,6 +203,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    mor: MoRConfig = field(default_factory=MoRConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -338,6 +364,11 @@ LAYOUT_REFUSALS: tuple[tuple[tuple[str, ...], frozenset[str], str], ...] = (
      "the pipeline can drive (only the latent loop and looped are)"),
     (("ponderlm2",), frozenset({"sp"}), "its passes over the interleaved sequence do not run on "
      "token shards"),
+    (("mor",), frozenset({"pp"}), "its shared recursion block would have to span stages and "
+     "loop back"),
+    (("mor",), frozenset({"sp"}), "its per-row top-k needs every token's router score on every "
+     "rank (not implemented)"),
+    (("mor",), frozenset({"masked"}), "it always runs only the selected tokens"),
     (("adaptive", "latent_fixed", "looped"), frozenset({"pp", "sp"}), "the latent pipeline sends "
      "whole activations between stages, not token shards"),
     (("adaptive", "latent_fixed"), frozenset({"pp", "masked"}), "the latent pipeline sends only "
@@ -358,8 +389,8 @@ def layout_features(cfg: Config) -> frozenset[str]:
 def layout_refusal(cfg: Config) -> str | None:
     """Why ``cfg``'s method does not run under its layout (one line naming the fields), or None."""
     lat = cfg.latent
-    if lat.method == "vanilla" or lat.max_steps == 1:
-        return None
+    if lat.method == "vanilla" or (lat.max_steps == 1 and lat.method != "mor"):
+        return None  # (MoR keeps its first/block/last structure at N_r = 1)
     features = layout_features(cfg)
     for methods, needs, why in LAYOUT_REFUSALS:
         if lat.method in methods and needs <= features:
@@ -411,6 +442,8 @@ def validate(cfg: Config) -> None:
              f"got {lat.pondering_embedding_scale!r}")
     _require(lat.jacobi_iterations >= 0,
              f"latent.jacobi_iterations: expected >= 0, got {lat.jacobi_iterations}")
+    if lat.method == "mor":
+        _validate_mor(cfg)
 
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     _require(tp >= 1, f"parallel.tensor_model_parallel_size: expected >= 1, got {tp}")
@@ -447,8 +480,11 @@ def validate(cfg: Config) -> None:
              f"divisible by parallel.tensor_model_parallel_size ({tp})")
     _require(par.pipeline_schedule in ("1f1b", "gpipe"), "parallel.pipeline_schedule: expected "
              f"'1f1b' or 'gpipe', got {par.pipeline_schedule!r}")
-    _require(par.zero in ("fsdp2", "none"), f"parallel.zero: expected 'fsdp2' or 'none', "
-             f"got {par.zero!r}")
+    _require(par.zero in ("fsdp2", "none", "deepspeed"), f"parallel.zero: expected 'fsdp2', "
+             f"'none' or 'deepspeed', got {par.zero!r}")
+    from megatron_latentcot.training.deepspeed_zero import check_config as check_deepspeed
+
+    check_deepspeed(cfg)
     _require(par.backend in ("auto", "nccl", "gloo"),
              f"parallel.backend: expected 'auto', 'nccl' or 'gloo', got {par.backend!r}")
     _require(par.timeout_minutes > 0, "parallel.timeout_minutes: expected > 0")
@@ -510,6 +546,43 @@ ROPE_SCALING_FIELDS = {  # rope_scaling -> the rope_* fields it needs
                "rope_original_max_position_embeddings"),
 }
 _ROPE_PARAMS = ROPE_SCALING_FIELDS["llama3"]
+
+
+def mor_capacities(mor: MoRConfig) -> list[float]:
+    """c_r of every recursion: ``mor.capacity`` or the authors' default (N_r - r + 1) / N_r."""
+    n = mor.num_recursion
+    return list(mor.capacity) if mor.capacity is not None else [(n - r) / n for r in range(n)]
+
+
+def mor_base_depth(num_layers: int, num_recursion: int) -> int:
+    """Layers of MoR's shared block: floor((L - 2) / N_r) (middle-cycle sharing)."""
+    return (num_layers - 2) // num_recursion
+
+
+def _validate_mor(cfg: Config) -> None:
+    mor, lat, m = cfg.mor, cfg.latent, cfg.model
+    n = mor.num_recursion
+    _require(n >= 1, f"mor.num_recursion: expected >= 1, got {n}")
+    _require(lat.max_steps == n, f"latent.max_steps ({lat.max_steps}) must equal "
+             f"mor.num_recursion ({n}) for latent.method=mor (its steps are the recursions)")
+    _require(mor_base_depth(m.num_layers, n) >= 1,
+             f"model.num_layers ({m.num_layers}): mor needs >= 2 + mor.num_recursion ({n}) "
+             "layers (a first, a last and a shared block of >= 1 layer)")
+    _require(mor.router in ("expert", "token"),
+             f"mor.router: expected 'expert' or 'token', got {mor.router!r}")
+    caps = mor_capacities(mor)
+    _require(len(caps) == n and all(0 < c <= 1 for c in caps)
+             and all(a >= b for a, b in zip(caps, caps[1:])),
+             f"mor.capacity ({mor.capacity}): expected {n} non-increasing numbers in (0, 1]")
+    _require(mor.alpha is None or mor.alpha > 0, f"mor.alpha: expected > 0 or null, got {mor.alpha}")
+    for name in ("aux_coeff", "bal_coeff", "z_coeff"):
+        _require(getattr(mor, name) >= 0, f"mor.{name}: expected >= 0, got {getattr(mor, name)}")
+    _require(not mor.kv_sharing, "mor.kv_sharing: true is not implemented yet (only "
+             "recursion-wise caching); expected false")
+    _require(mor.expert_selection in ("topk", "threshold"), "mor.expert_selection: expected "
+             f"'topk' or 'threshold', got {mor.expert_selection!r}")
+    _require(mor.combine in ("weighted", "replace"),
+             f"mor.combine: expected 'weighted' or 'replace', got {mor.combine!r}")
 
 
 def _check_rope_scaling(m: ModelConfig) -> None:

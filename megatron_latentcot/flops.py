@@ -64,31 +64,37 @@ def vanilla_train_flops(m: ModelConfig, vocab: int, rows: int, seq: int) -> floa
 
 def latent_forward_flops(m: ModelConfig, vocab: int, step_tokens: Sequence[float],
                          step_pairs: Sequence[float], head_tokens: float,
-                         router_tokens: float = 0) -> float:
+                         router_tokens: float = 0,
+                         step_layers: Sequence[float] | None = None) -> float:
     """One forward of a latent-loop micro-batch from its per-step counts.
 
-    ``step_tokens[k]`` slots ran step k+1 with ``step_pairs[k]`` visible attention pairs; the
-    LM head ran on ``head_tokens`` (z^f); the router (one output) on ``router_tokens``.
+    ``step_tokens[k]`` slots ran step k+1 with ``step_pairs[k]`` visible attention pairs,
+    through ``step_layers[k]`` layers (None: every run through all ``m.num_layers``; MoR's runs
+    differ); the LM head ran on ``head_tokens`` (z^f); the router (one output) on
+    ``router_tokens``.
     """
-    layers = sum(m.num_layers * (layer_matmul_flops_per_token(m) * n + attention_flops(m, p))
-                 for n, p in zip(step_tokens, step_pairs))
+    depth = step_layers if step_layers is not None else [m.num_layers] * len(step_tokens)
+    layers = sum(d * (layer_matmul_flops_per_token(m) * n + attention_flops(m, p))
+                 for n, p, d in zip(step_tokens, step_pairs, depth))
     return layers + head_flops(m, vocab, head_tokens) + router_flops(m, router_tokens)
 
 
 def latent_train_flops(m: ModelConfig, vocab: int, step_tokens: Sequence[float],
                        step_pairs: Sequence[float], head_tokens: float, ptarget_tokens: float = 0,
-                       router_tokens: float = 0) -> float:
+                       router_tokens: float = 0,
+                       step_layers: Sequence[float] | None = None) -> float:
     """Forward + backward of a latent-loop micro-batch (:func:`latent_forward_flops` x 3) plus
     the per-step p_target head, which runs forward only, without gradient, on
     ``ptarget_tokens``."""
-    forward = latent_forward_flops(m, vocab, step_tokens, step_pairs, head_tokens, router_tokens)
+    forward = latent_forward_flops(m, vocab, step_tokens, step_pairs, head_tokens, router_tokens,
+                                   step_layers)
     return 3 * forward + head_flops(m, vocab, ptarget_tokens)
 
 
 # -- analytic: expected counts of one full sequence ------------------------------------------------
 
 METHODS_COUNTED = ("vanilla", "looped", "pause", "pondering", "ponderlm2", "latent_fixed",
-                   "adaptive")
+                   "adaptive", "mor")
 
 
 def ponderlm2_passes(stages: int, jacobi: int) -> list[int]:
@@ -118,10 +124,11 @@ class StepCounts:
     head_tokens: float
     ptarget_tokens: float = 0.0
     router_tokens: float = 0.0
+    step_layers: list[float] | None = None  # layers per run (None: all; MoR's runs differ)
 
     def train_flops(self, m: ModelConfig, vocab: int) -> float:
         return latent_train_flops(m, vocab, self.step_tokens, self.step_pairs, self.head_tokens,
-                                  self.ptarget_tokens, self.router_tokens)
+                                  self.ptarget_tokens, self.router_tokens, self.step_layers)
 
 
 def active_fractions(dist: Sequence[float]) -> list[float]:
@@ -159,13 +166,45 @@ def latent_counts(seq: int, dist: Sequence[float], adaptive: bool, ptarget: bool
     return _latent_counts_from_active(seq, active_fractions(dist), adaptive, ptarget)
 
 
+def mor_counts(seq: int, base_depth: int, capacity: Sequence[float] | None = None,
+               dist: Sequence[float] | None = None) -> StepCounts:
+    """MoR on one sequence (docs/baselines_ponderlm2_mor.md 2.7): the first and last layers on
+    every token; recursion r through ``base_depth`` layers on n_r tokens, causal among them
+    (n_r (n_r + 1) / 2 pairs). Expert-choice (``capacity`` c_r): n_r = max(1, floor(c_r T)),
+    router r on the n_(r-1) candidates. Token-choice (``dist``: the fraction of tokens at each
+    depth): expected n_r = T a_r, pairs a_r^2 T(T-1)/2 + a_r T (depths independent of position),
+    one N_r-output router on every token. Without document masking."""
+    if (capacity is None) == (dist is None):
+        raise ValueError("mor: give the expert capacities or the token-choice depth distribution")
+    full = causal_pairs(1, seq)
+    if capacity is not None:
+        n = [float(max(1, int(c * seq))) for c in capacity]
+        pairs = [m * (m + 1) / 2 for m in n]
+        router = float(sum([seq, *n[:-1]]))
+    else:
+        a = active_fractions(dist)
+        n = [ar * seq for ar in a]
+        pairs = [ar * ar * seq * (seq - 1) / 2 + ar * seq for ar in a]
+        router = float(seq * len(dist))
+    return StepCounts([seq, *n, seq], [full, *pairs, full], seq, router_tokens=router,
+                      step_layers=[1, *[base_depth] * len(n), 1])
+
+
 def method_counts(method: str, seq: int, k: int, dist: Sequence[float] | None = None,
-                  ptarget: bool = True, jacobi: int | None = None) -> StepCounts:
+                  ptarget: bool = True, jacobi: int | None = None,
+                  base_depth: int | None = None,
+                  capacity: Sequence[float] | None = None) -> StepCounts:
     """The scheduler's counts for one full sequence of ``method`` with K_max = ``k``.
 
     ``dist``: adaptive's distribution of last steps (required for it); ``ptarget``: the adaptive
-    loss is on (its per-step p_target head runs); ``jacobi``: PonderLM-2's J (required for it).
+    loss is on (its per-step p_target head runs); ``jacobi``: PonderLM-2's J (required for it);
+    MoR (k = N_r): ``base_depth`` and ``capacity`` (expert) or ``dist`` (token), see
+    :func:`mor_counts`.
     """
+    if method == "mor":
+        if base_depth is None:
+            raise ValueError("mor: the shared block's base_depth is required")
+        return mor_counts(seq, base_depth, capacity, dist)
     full = causal_pairs(1, seq)
     if method == "vanilla":
         return StepCounts([seq], [full], seq)
@@ -200,12 +239,34 @@ def kaplan_flops_per_token(params: int, passes: float) -> float:
     return 6.0 * params * passes
 
 
+def _mor_expert_counts(seq: int | None, base_depth: int | None,
+                       capacity: Sequence[float] | None) -> StepCounts:
+    """MoR's counts where they are fixed: expert-choice with its capacities (token-choice's
+    depths come from the router, so its cost is the router's to decide)."""
+    if capacity is None:
+        raise ValueError("mor: only expert-choice (capacity) has a routing-independent count; "
+                         "token-choice's depends on its router: count it from a run")
+    if seq is None or base_depth is None:
+        raise ValueError("mor: seq and the shared block's base_depth are required")
+    return mor_counts(seq, base_depth, capacity)
+
+
 def passes_per_token(method: str, k: int, dist: Sequence[float] | None = None,
-                     jacobi: int | None = None) -> float:
+                     jacobi: int | None = None, *, seq: int | None = None,
+                     base_depth: int | None = None,
+                     capacity: Sequence[float] | None = None) -> float:
     """Processed (token, pass) slots per token: the multiplier of the paper's 6·N convention
-    (PonderLM-2: n(n+1)/2 + (J+1)(n+1) with n = K-1 latent stages; 3 + 2J at n = 1)."""
+    (PonderLM-2: n(n+1)/2 + (J+1)(n+1) with n = K-1 latent stages; 3 + 2J at n = 1).
+    MoR expert-choice (``seq``, ``base_depth``, ``capacity``): layers run per token over its
+    2 + base_depth physical layers, (2 + base_depth sum_r n_r / T) / (2 + base_depth) with
+    n_r = max(1, floor(c_r T)) (docs/baselines_ponderlm2_mor.md 2.7), as plan.passes_per_token
+    counts it; token-choice raises."""
     if method == "vanilla":
         return 1.0
+    if method == "mor":
+        c = _mor_expert_counts(seq, base_depth, capacity)
+        slots = sum(t * d for t, d in zip(c.step_tokens, c.step_layers or []))
+        return slots / (seq * (2 + base_depth))
     if method == "ponderlm2":
         return float(sum(ponderlm2_passes(k, _require_jacobi(jacobi))))
     if method == "adaptive":
@@ -216,14 +277,26 @@ def passes_per_token(method: str, k: int, dist: Sequence[float] | None = None,
 
 
 def inference_flops_per_token(m: ModelConfig, vocab: int, method: str, seq: int, k: int,
-                              dist: Sequence[float] | None = None) -> float:
+                              dist: Sequence[float] | None = None, *,
+                              base_depth: int | None = None,
+                              capacity: Sequence[float] | None = None) -> float:
     """Forward FLOPs to generate one token at position ``seq // 2`` with a K/V cache of every
     executed slot: the LM head once per token (plus pondering's per-pass heads and expected
     embeddings), no p_target head; adaptive at the distribution ``dist`` of last steps.
     PonderLM-2 decodes with the exact recurrence (its K stages one after another, like pause's
-    K slots), not with the training forward's Jacobi passes."""
+    K slots), not with the training forward's Jacobi passes. MoR expert-choice (``base_depth``,
+    ``capacity``): at the training capacities' profile, recursion r on a share a_r = n_r / T
+    of tokens with a recursion-wise cache of 1 + c a_r keys, router r on a_(r-1) (the decoder's
+    threshold rule routes by score, so a trained model's decoding may run more or fewer);
+    token-choice raises (its depths are the router's)."""
     c = seq // 2
     layer, L, head = layer_matmul_flops_per_token(m), m.num_layers, head_flops(m, vocab, 1)
+    if method == "mor":
+        counts = _mor_expert_counts(seq, base_depth, capacity)
+        a = [1.0] + [n / seq for n in counts.step_tokens[1:-1]]
+        ends = 2 * (layer + attention_flops(m, c + 1))  # the unique first and last layers
+        rec = sum(ar * base_depth * (layer + attention_flops(m, 1 + c * ar)) for ar in a[1:])
+        return ends + rec + router_flops(m, sum(a[:-1])) + head
     if method == "vanilla":
         k = 1
     if method in ("vanilla", "looped", "pondering"):

@@ -15,16 +15,18 @@ Everything follows the code, not a textbook formula:
   accumulation it accumulates *unsharded* gradients.
 - **Activations**: the bytes autograd saves for backward per micro-batch, op by op as the model
   runs them (residual stream and norms in fp32, matmul outputs in the compute dtype), for every
-  latent step at its active-token count, including the per-step K/V cache and, for the ``sdpa``
-  backend, the gathered keys and the dense (queries x cached keys) mask; for ``flex``, the
-  per-row copies of Q/K/V/output at whole-block widths and one block mask per pass as built
-  (``model.attention.flex_mask_bytes``: integers per block, MiB where a dense mask is GiB).
-  Recompute keeps block inputs and the K/V caches the next step reads. Under PP the peak is
+  latent step at its active-token count, including the latent loop's in-place K/V cache as
+  built (``model.attention.KVStore``: one per layer and micro-batch, every (t, k) slot, read in
+  place by the later steps) and, for the ``sdpa`` backend, the gathered queries and the dense
+  (queries x cached keys) mask; for ``flex``, the per-row copies of Q/output at whole-block
+  widths and one block mask per pass as built (``model.attention.flex_mask_bytes``: integers
+  per block, MiB where a dense mask is GiB). Recompute keeps block inputs and the K/V store
+  the later steps read. Under PP the peak is
   priced on the pipeline schedule itself (``training/schedules.py``): the largest set of
   (micro-batch, step) units alive on a stage as a backward starts, each at its own step's
   bytes -- K PP - s units (PP - s/K micro-batches' worth) under ``1f1b``, all M under ``gpipe``.
   The ``sdpa`` terms are checked against what autograd saves on CPU (tests/test_plan.py);
-  flex's saved tensors cannot be (no backward on CPU), its block masks and K/V row widths are
+  flex's saved tensors cannot be (no backward on CPU), its block masks and K/V store are
   checked against a real flex forward.
 - **FLOPs**: :mod:`megatron_latentcot.flops` on the step profile (default: every token runs
   K_max steps, the upper bound), plus the paper's 6 N per (token, pass) convention.
@@ -41,7 +43,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from megatron_latentcot import flops
-from megatron_latentcot.config import Config, ConfigError, layout_refusal, load_config
+from megatron_latentcot.config import (
+    Config,
+    ConfigError,
+    layout_refusal,
+    load_config,
+    mor_base_depth,
+    mor_capacities,
+)
 
 GiB = 2**30
 FP32 = 4
@@ -86,6 +95,8 @@ def make_layout(cfg: Config, world_size: int | None = None, nodes: int | None = 
 def stage_layer_ids(cfg: Config, pp_rank: int) -> list[int]:
     """Global layer indices of pipeline stage ``pp_rank`` (as model.llama.stage_layers)."""
     m, par = cfg.model, cfg.parallel
+    if cfg.latent.method == "mor":  # PP = 1: its physical layers (first, shared block, last)
+        return list(range(2 + mor_base_depth(m.num_layers, cfg.mor.num_recursion)))
     counts = par.pipeline_layers or [m.num_layers // par.pipeline_model_parallel_size] * \
         par.pipeline_model_parallel_size
     start = sum(counts[:pp_rank])
@@ -117,6 +128,8 @@ def stage_param_shapes(cfg: Config, vocab: int, tp: int, pp_rank: int) -> dict[s
         if lat.method == "adaptive":
             shapes["router.weight"] = (1, h)
             shapes["router.bias"] = (1,)
+    if lat.method == "mor":  # N_r 1-output routers (expert) or one N_r-output router (token)
+        shapes["mor_router.weight"] = (cfg.mor.num_recursion, h)
     return shapes
 
 
@@ -178,7 +191,8 @@ class Step:
 
     ``width_q`` / ``width_k``: the longest batch row of queries / keys (SDPA pads rows to it);
     ``gathered``: the packed latent layout (else the dense causal layout of step 1).
-    ``new_cache``: whether the keys are a concatenation made for this step (latent cache).
+    ``new_cache``: the keys are read in place from the latent loop's K/V store (steps >= 2),
+    not copied for this step.
     """
 
     n: int
@@ -206,6 +220,10 @@ def step_profile(cfg: Config, rows: int, fractions: list[float] | None = None) -
     if lat.method == "ponderlm2" and k_max > 1:  # fresh causal passes over p*T interleaved slots
         return [Step(n * p, n * p, seq * p, seq * p, False, False)
                 for p in flops.ponderlm2_passes(k_max, lat.jacobi_iterations)]
+    if lat.method == "mor":  # first layer, the recursions' packed selections, last layer
+        counts = flops_counts(cfg, fractions).step_tokens[1:-1]
+        inner = [Step(int(c) * rows, int(c) * rows, int(c), int(c), True, False) for c in counts]
+        return [Step(n, n, seq, seq, False, False), *inner, Step(n, n, seq, seq, False, False)]
     if lat.method != "adaptive" or fractions is None:
         fractions = [1.0] * k_max
     if len(fractions) != k_max:
@@ -239,7 +257,8 @@ def layer_step_bytes(step: Step, dm: Dims, backend: str, rows: int, doc_mask: bo
         total += a * (dm.hq + dm.hkv) * n  # rotated Q and K
     if backend == "flex":  # per-row copies of Q, K, V, output (whole blocks); log-sum-exp
         wq, wk = flex_widths(step)
-        kv = 1 if not step.gathered and wq == step.width_q else 2  # token pass: V is a view
+        # token pass: V is a view; the latent loop's later steps read the K/V store in place
+        kv = 0 if step.new_cache else 1 if not step.gathered and wq == step.width_q else 2
         total += rows * ((2 * a * dm.hq + FP32 * dm.heads) * wq + kv * a * dm.hkv * wk)
         total += a * dm.hq * n  # the output packed back (o_proj input)
         return total + 4 * a * dm.ffn * n  # gate|up output, silu(gate), silu(gate) * up
@@ -247,7 +266,8 @@ def layer_step_bytes(step: Step, dm: Dims, backend: str, rows: int, doc_mask: bo
     if step.gathered:  # SDPA over per-row gathered queries and cached keys, explicit mask
         wq, wk = rows * step.width_q, rows * step.width_k
         total += 2 * a * dm.hq * wq  # gathered queries, attention output
-        total += 2 * a * dm.hkv * wk  # gathered keys and values
+        if not step.new_cache:  # gathered keys and values (the latent loop reads its store)
+            total += 2 * a * dm.hkv * wk
         total += a * rows * step.width_q * step.width_k  # the mask, as an additive float mask
         total += a * dm.hq * n  # the output packed back (o_proj input)
     else:
@@ -269,7 +289,7 @@ def flex_mask(step: Step, rows: int) -> int:
     """Bytes of the block mask (and row layout) flex builds for a pass, as built."""
     from megatron_latentcot.model.attention import flex_mask_bytes
 
-    return flex_mask_bytes(rows, *flex_widths(step))
+    return flex_mask_bytes(rows, *flex_widths(step), keys=step.keys)
 
 
 def step_shared_bytes(step: Step, dm: Dims, backend: str, rows: int) -> float:
@@ -283,14 +303,17 @@ def step_shared_bytes(step: Step, dm: Dims, backend: str, rows: int) -> float:
     return total
 
 
-def _cache_kept(steps: list[Step], dm: Dims) -> float:
-    """Under recompute: the (K, V) each step passes to the next (held as checkpoint inputs)."""
-    if len(steps) < 2 or steps[1].new_cache is False:
+def kv_store_bytes(cfg: Config, dm: Dims, rows: int) -> float:
+    """One layer's in-place K/V cache of a latent-loop micro-batch (``model.attention.KVStore``):
+    keys and values for every (t, k) slot the steps can reach, allocated at step 1 whatever
+    the router then decides; 0 for methods without one."""
+    from megatron_latentcot.model.attention import cache_capacity
+
+    lat = cfg.latent
+    if lat.method not in ("latent_fixed", "adaptive") or lat.max_steps == 1:
         return 0.0
-    total = dm.a * (dm.hq + 3 * dm.hkv) * steps[0].n  # step 1: rotated K + QKV storage (V view)
-    for s in steps[1:-1]:
-        total += 2 * dm.a * dm.hkv * s.keys
-    return total
+    columns = cache_capacity(lat.max_steps * cfg.data.seq_length, lat.attention_backend)
+    return 2 * dm.a * dm.hkv * rows * columns
 
 
 @dataclass
@@ -298,12 +321,14 @@ class ActivationEstimate:
     """Bytes of one micro-batch on one GPU."""
 
     layers: float  # saved by the transformer blocks, all steps (recompute: what they keep)
-    latent_cache: float  # part of ``layers``: K/V caches and gathered keys of steps >= 2
+    latent_cache: float  # part of ``layers``: the K/V store (and gathered keys without one)
     attention_mask: float  # part of ``layers``: dense SDPA masks, or flex's block masks
     head: float  # embedding ids, final norms, router, LM head and loss
     loss_transient: float  # start of backward: log-softmax gradient and its input gradient
     recompute_transient: float  # recompute: one block rebuilt + its gradient buffers
-    per_step: list[float] = field(default_factory=list)  # ``layers`` split by step (pipeline units)
+    # ``layers`` split: per step (pipeline units), and the K/V store, alive with any of them
+    per_step: list[float] = field(default_factory=list)
+    kv_store: float = 0.0
 
     @property
     def saved(self) -> float:
@@ -323,34 +348,35 @@ def activation_bytes(cfg: Config, vocab: int, tp: int, pp_rank: int, rows: int,
     n_layers = len(stage_layer_ids(cfg, pp_rank))
     doc_mask = data.reset_attention_mask if doc_mask is None else doc_mask
     per_layer = [layer_step_bytes(s, dm, backend, rows, doc_mask) for s in steps]
+    # layers each step runs (MoR: 1, the shared block's per recursion, 1), as a share of n_layers
+    depth = step_depths(cfg, len(steps), n_layers)
+    share = [d / n_layers for d in depth]
     shared = sum(step_shared_bytes(s, dm, backend, rows) for s in steps)
+    store = kv_store_bytes(cfg, dm, rows)  # per layer, from step 1 to the micro-batch's end
     cache = mask = flex_masks = 0.0
-    for s in steps:
-        if backend == "flex":  # per-row K/V copies; one block mask per pass (in ``shared``)
-            cache += 2 * dm.a * dm.hkv * rows * flex_widths(s)[1] if s.new_cache else 0.0
+    for s, w in zip(steps, share, strict=True):
+        if backend == "flex":  # one block mask per pass (in ``shared``)
             flex_masks += flex_mask(s, rows)
         elif s.gathered:
-            cache += 2 * dm.a * dm.hkv * rows * s.width_k
-            mask += dm.a * rows * s.width_q * s.width_k
+            cache += 0.0 if s.new_cache else w * 2 * dm.a * dm.hkv * rows * s.width_k
+            mask += w * dm.a * rows * s.width_q * s.width_k
         elif doc_mask:
-            mask += dm.a * rows * s.width_q * s.width_k
+            mask += w * dm.a * rows * s.width_q * s.width_k
     rebuild = 0.0
     step_shared = [step_shared_bytes(s, dm, backend, rows) for s in steps]
-    if recompute:  # each block keeps its input; K/V of a step stay alive for the next step
-        kept_cache = _cache_kept(steps, dm)
-        kept = [_cache_kept(steps[:i + 2], dm) - _cache_kept(steps[:i + 1], dm)
-                for i in range(len(steps))]  # what step i + 1 adds to the kept caches
-        per_step = [n_layers * (FP32 * dm.h * s.n / dm.sp + c) + sh
-                    for s, c, sh in zip(steps, kept, step_shared, strict=True)]
-        layers = n_layers * (sum(FP32 * dm.h * s.n / dm.sp for s in steps) + kept_cache) + shared
-        cache, mask = n_layers * kept_cache, flex_masks
+    if recompute:  # each block keeps its input; the K/V store stays for the later steps
+        per_step = [d * FP32 * dm.h * s.n / dm.sp + sh
+                    for s, sh, d in zip(steps, step_shared, depth, strict=True)]
+        layers = sum(d * FP32 * dm.h * s.n / dm.sp for s, d in zip(steps, depth)) \
+            + n_layers * store + shared
+        cache, mask = n_layers * store, flex_masks
         widest = max(s.n for s in steps)
         # one block's saved tensors rebuilt, plus the residual stream's gradients
         rebuild = max(per_layer) + 2 * FP32 * dm.h * widest / dm.sp
     else:
-        per_step = [n_layers * b + sh for b, sh in zip(per_layer, step_shared, strict=True)]
-        layers = n_layers * sum(per_layer) + shared
-        cache, mask = n_layers * cache, n_layers * mask + flex_masks
+        per_step = [d * b + sh for b, sh, d in zip(per_layer, step_shared, depth, strict=True)]
+        layers = sum(d * b for b, d in zip(per_layer, depth)) + shared + n_layers * store
+        cache, mask = n_layers * (cache + store), n_layers * mask + flex_masks
     n = rows * data.seq_length
     head = loss = 0.0
     if pp_rank == 0:
@@ -362,6 +388,11 @@ def activation_bytes(cfg: Config, vocab: int, tp: int, pp_rank: int, rows: int,
             head += _norm(steps[0].n, dm)
         elif lat.method == "ponderlm2" and len(steps) > 1:  # final norm of every pass
             head += sum(_norm(s.n, dm) for s in steps)
+        elif lat.method == "mor":  # final norm; per recursion the router's input copy, logit,
+            # gate and selection over its candidates, and the gated output added back
+            head += _norm(n, dm)
+            for s in steps[:-2]:
+                head += (2 * FP32 * dm.h + 4 * FP32 + INDEX) * s.n
         elif lat.method in ("vanilla", "looped") or len(steps) == 1:
             head += _norm(n, dm)
         elif lat.method == "pondering":
@@ -383,7 +414,8 @@ def activation_bytes(cfg: Config, vocab: int, tp: int, pp_rank: int, rows: int,
         head += FP32 * n * vocab_local  # log-softmax (or exp) of the logits, fp32
         loss = 2 * FP32 * n * vocab_local  # its gradient and the logits' gradient, fp32
     return ActivationEstimate(layers=layers, latent_cache=cache, attention_mask=mask, head=head,
-                              loss_transient=loss, recompute_transient=rebuild, per_step=per_step)
+                              loss_transient=loss, recompute_transient=rebuild, per_step=per_step,
+                              kv_store=n_layers * store)
 
 
 def pipeline_units(cfg: Config) -> int:
@@ -396,11 +428,20 @@ def pipeline_units(cfg: Config) -> int:
     return lat.max_steps
 
 
+def step_depths(cfg: Config, steps: int, n_layers: int) -> list[int]:
+    """Layers each of the ``steps`` passes runs: all ``n_layers`` (MoR: 1, the shared block per
+    recursion, 1)."""
+    if cfg.latent.method != "mor":
+        return [n_layers] * steps
+    return [1, *[n_layers - 2] * (steps - 2), 1]
+
+
 def scheduled_activations(cfg: Config, act: ActivationEstimate, pp: int, micro: int,
                           pp_rank: int) -> tuple[float, int]:
     """(Peak activation bytes, micro-batches with a live unit) of stage ``pp_rank`` under
     ``parallel.pipeline_schedule``: each live (micro-batch, step) unit at its step's bytes (the
-    head and loss with the last step: they live from its forward to the backward's start)."""
+    head and loss with the last step: they live from its forward to the backward's start), and
+    a K/V store per micro-batch with a live unit (its step-1 unit lives as long as it)."""
     from megatron_latentcot.training import schedules
 
     if pp == 1:
@@ -409,7 +450,8 @@ def scheduled_activations(cfg: Config, act: ActivationEstimate, pp: int, micro: 
     cost = list(act.per_step) if k > 1 else [act.layers]
     cost += [0.0] * (k - len(cost))  # (adaptive fractions can end the profile early)
     cost[-1] += act.head
-    return schedules.peak_live(cfg.parallel.pipeline_schedule, pp, k, micro, pp_rank, cost)
+    return schedules.peak_live(cfg.parallel.pipeline_schedule, pp, k, micro, pp_rank, cost,
+                               act.kv_store)
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -485,6 +527,17 @@ def flops_counts(cfg: Config, fractions: list[float] | None = None) -> flops.Ste
             raise ConfigError(f"--active-fractions: expected {k} values (latent.max_steps), "
                               f"got {len(fractions)}")
         dist = flops.last_step_dist(fractions or [1.0] * k)
+    if lat.method == "mor":  # expert: its capacities; token: depths from ``fractions`` (share
+        # of tokens running recursion r; default all N_r, the worst case)
+        expert = cfg.mor.router == "expert"
+        if not expert and fractions is not None and len(fractions) != k:
+            raise ConfigError(f"--active-fractions: expected {k} values (mor.num_recursion), "
+                              f"got {len(fractions)}")
+        return flops.method_counts(
+            "mor", cfg.data.seq_length, k, None if expert else
+            flops.last_step_dist(fractions or [1.0] * k),
+            base_depth=mor_base_depth(cfg.model.num_layers, cfg.mor.num_recursion),
+            capacity=mor_capacities(cfg.mor) if expert else None)
     return flops.method_counts(lat.method, cfg.data.seq_length, k, dist,
                                ptarget=lat.adaptive_loss_weight > 0, jacobi=lat.jacobi_iterations)
 
@@ -502,6 +555,9 @@ def train_flops_per_token(cfg: Config, vocab: int, fractions: list[float] | None
 def passes_per_token(cfg: Config, fractions: list[float] | None = None) -> float:
     """(token, pass) slots per token: the paper's 6 N convention counts these."""
     counts = flops_counts(cfg, fractions)
+    if counts.step_layers is not None:  # MoR: runs through part of its physical layers
+        layer_slots = sum(t * d for t, d in zip(counts.step_tokens, counts.step_layers))
+        return layer_slots / (cfg.data.seq_length * len(stage_layer_ids(cfg, 0)))
     return sum(counts.step_tokens) / cfg.data.seq_length
 
 
@@ -662,22 +718,11 @@ def report(plan: Plan, cfg: Config) -> str:
 # -- command line -------------------------------------------------------------------------------
 
 def resolve_vocab(cfg: Config, tp: int, override: int | None) -> int:
-    """``--vocab-size``, else model.vocab_size, else the tokenizer's vocab padded like training."""
-    if override is not None:
-        return override
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    if cfg.data.tokenizer_model:
-        try:
-            from megatron_latentcot.data.tokenizer import build_tokenizer
-            from megatron_latentcot.model.llama import padded_vocab_size
+    """``--vocab-size``, else model.vocab_size, else the tokenizer's vocab padded like training
+    (:func:`megatron_latentcot.vocab.resolve_vocab`, the one resolver)."""
+    from megatron_latentcot.vocab import resolve_vocab as resolve
 
-            tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-            return padded_vocab_size(cfg.model, tok.vocab_size, tp)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"model.vocab_size is null and the tokenizer could not be read "
-                              f"({e}); pass --vocab-size") from None
-    raise ConfigError("model.vocab_size is null and no tokenizer is configured: pass --vocab-size")
+    return resolve(cfg, tp, override)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -45,7 +45,7 @@ PYTHON=${PYTHON:-python}
 TORCHRUN=${TORCHRUN:-torchrun}
 
 # -- model, method, data ----------------------------------------------------------------------
-METHOD=${METHOD:-adaptive}                    # vanilla adaptive latent_fixed looped pause pondering
+METHOD=${METHOD:-adaptive}                    # vanilla adaptive latent_fixed looped pause pondering ponderlm2
 SIZE=${SIZE:-7b}
 CONFIG=${CONFIG:-examples/configs/${SIZE}_${METHOD}.yaml}
 RUN_NAME=${RUN_NAME:-${SIZE}_${METHOD}}
@@ -64,8 +64,8 @@ TP=${TP-}                                     # tensor parallel (7B config: 4)
 # Which method runs under which layout: LAYOUT_REFUSALS in megatron_latentcot/config.py, one table
 # read by the trainer and by the planner check below (PLAN_CHECK=1). With K_max > 1, PP > 1 and
 # SP exclude each other, and adaptive or latent_fixed with latent.compact=false run with neither.
-PP=${PP-}                                     # pipeline parallel; with K_max > 1 not for: pause pondering ponderlm2
-SP=${SP-}                                     # sequence parallel (needs TP > 1); with K_max > 1 not for: pause pondering ponderlm2
+PP=${PP-}                                     # pipeline parallel; with K_max > 1 not for: pause pondering ponderlm2 mor
+SP=${SP-}                                     # sequence parallel (needs TP > 1); with K_max > 1 not for: pause pondering ponderlm2 mor
 ZERO=${ZERO-fsdp2}                            # ZeRO over data parallel: fsdp2 or none
 RECOMPUTE=${RECOMPUTE-}                       # activation recompute per block: true/false
 MICRO_BATCH=${MICRO_BATCH-}

@@ -41,3 +41,19 @@ def save_world_of_one(out: Path, overrides: list[str], vocab: int, tokenizer=Non
     if tokenizer is not None:
         manifest["tokenizer"] = tokenizer.fingerprint
     return ckpt.save_checkpoint(out, 5, {"model": model.state_dict()}, manifest, ctx, 1)
+
+
+def decoded_flops_equal_forward(model, toks: torch.Tensor) -> float:
+    """Assert a decoder's FLOPs, for the whole prompt at once and one token per call, equal the
+    teacher-forced forward's over the same tokens; return that count."""
+    from megatron_latentcot.inference.decoder import IncrementalDecoder, training_forward
+
+    tf = training_forward(model.scheduler, toks)
+    expected = model.scheduler.forward_flops(tf.output)
+    dec = IncrementalDecoder(model.stage, model.cfg)
+    dec.reset(toks.shape[0])
+    assert dec.extend(list(toks)).flops == expected
+    dec.reset(toks.shape[0])
+    calls = [dec.extend([row[t:t + 1] for row in toks]) for t in range(toks.shape[1])]
+    assert sum(c.flops for c in calls) == expected
+    return expected

@@ -180,7 +180,8 @@ def test_mask_memory_is_integers_per_block(block):
         mask, lay = flex_block_mask(plan, block)
         held = [t for t in (*mask.as_tuple()[2:], *vars(lay).values()) if torch.is_tensor(t)]
         kept = sum(t.numel() * t.element_size() for t in held)
-        assert kept == flex_mask_bytes(2, lay.q_pos.shape[1], lay.k_pos.shape[1], block)
+        assert kept == flex_mask_bytes(2, lay.q_pos.shape[1], lay.k_pos.shape[1], block,
+                                       keys=lay.k_column.numel())
         partial, full = block_classes(lay, block)
         assert partial.shape == (2, lay.q_pos.shape[1] // block, lay.k_pos.shape[1] // block)
 
@@ -220,9 +221,11 @@ def test_flex_model_forward_equals_sdpa_for_every_method(ctx, method, extra):
 
 def test_compiled_flex_graphs_stay_bounded_over_an_adaptive_run(ctx, monkeypatch):
     """Compiled flex over 12 adaptive iterations whose survivor counts (hence bucketed widths)
-    vary from iteration to iteration: at most 3 graphs in all (the first shapes static, then
-    one recompile making the key width dynamic and one the query width), whatever the run's
-    length. A new plan's mask_mod is a new closure each step: it must not recompile."""
+    vary from iteration to iteration: at most 4 graphs in all (step 1's contiguous keys; the
+    first read of the in-place K/V cache, whose rows are strided by its capacity; one recompile
+    making the key width dynamic and one the query width), whatever the run's length (30
+    iterations with six thresholds: 4). A new plan's mask_mod is a new closure each step: it
+    must not recompile."""
     from torch._dynamo.utils import counters
 
     from tests.test_latent_scheduler import batch, build
@@ -249,4 +252,4 @@ def test_compiled_flex_graphs_stay_bounded_over_an_adaptive_run(ctx, monkeypatch
         with torch.no_grad():
             sched.forward(batch(rows=2, seq=seq, seed=it, docs=True))
     assert len(widths) >= 5, widths  # the widths did vary
-    assert counters["stats"]["unique_graphs"] - start <= 3
+    assert counters["stats"]["unique_graphs"] - start <= 4

@@ -30,11 +30,13 @@ METHODS = {
     "looped": ["latent.method=looped", "latent.max_steps=2"],
     "pondering": ["latent.method=pondering", "latent.max_steps=2"],
     "pause": ["latent.method=pause", "latent.max_steps=2"],
+    "ponderlm2": ["latent.method=ponderlm2", "latent.max_steps=2", "latent.jacobi_iterations=3"],
 }
 # Largest relative |loss_bf16 - loss_fp32| / loss_fp32 over the ITERS steps. Measured (torch
 # 2.13 CPU, one process): vanilla 6.0e-4, latent_fixed 1.7e-3, adaptive 7.1e-4, looped 1.0e-3,
-# pondering 6.4e-4, pause 6.4e-4; adaptive bf16 at TP2 vs one process bf16 5.9e-4 (vs fp32
-# 3.0e-4), at FSDP2 DP2 (bf16 gathers, bf16 norm weights) 1.9e-3 (vs fp32 1.8e-3). About 3x:
+# pondering 6.4e-4, pause 6.4e-4, ponderlm2 (K 2, J 3) 3.8e-4; adaptive bf16 at TP2 vs one
+# process bf16 5.9e-4 (vs fp32 3.0e-4), at FSDP2 DP2 (bf16 gathers, bf16 norm weights) 1.9e-3
+# (vs fp32 1.8e-3). About 3x:
 GAP = 5e-3
 FALL = 0.8  # the last loss is below FALL x the first (measured 0.24-0.63 in both precisions)
 
@@ -156,3 +158,17 @@ def test_fsdp2_internals_refuse_older_and_warn_on_newer_torch(monkeypatch):
     monkeypatch.setattr(torch, "__version__", version("2.14.0"))
     with pytest.warns(UserWarning, match="tested on torch 2.13 only"):
         fsdp_internals.check_torch()
+
+
+def test_routers_stay_fp32_under_fsdp2_bf16():
+    """FSDP2's bf16 policy gathers every unit in bf16 except the routers (adaptive's and
+    MoR's): routing decisions are made from fp32 weights."""
+    from torch import nn
+
+    from megatron_latentcot.model.mor import MoRRouter
+    from megatron_latentcot.model.router import Router
+    from megatron_latentcot.training.optimizer import mixed_precision
+
+    assert mixed_precision(Router(8, 0.0, False), "bf16").param_dtype is None
+    assert mixed_precision(MoRRouter(8, 3), "bf16").param_dtype is None
+    assert mixed_precision(nn.Linear(8, 8), "bf16").param_dtype == torch.bfloat16

@@ -431,3 +431,20 @@ def test_run_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
     assert json.loads(lock.read_text())["heartbeat"] > first["heartbeat"] == 0  # its own beats
     mine.release()
     assert not lock.exists()
+
+
+def test_a_manifest_from_before_new_fields_shows_no_config_difference():
+    """Fields and sections added to the config after a run was saved (here ``mor`` and
+    ``latent.jacobi_iterations``) take their defaults, so resuming that run is not refused as
+    "checkpoints of another run"; a real difference still shows."""
+    from megatron_latentcot.config import load_config
+    from megatron_latentcot.training.checkpoint import config_diff, saved_config
+
+    now = load_config(None, ["latent.method=adaptive"]).to_dict()
+    old = {sec: dict(fields) for sec, fields in now.items() if sec != "mor"}
+    del old["latent"]["jacobi_iterations"]
+    assert config_diff(old, now)  # compared as saved, the new fields look like changes
+    assert config_diff(saved_config({"config": old}), now) == []
+    old["train"]["lr"] = now["train"]["lr"] * 2
+    assert config_diff(saved_config({"config": old}), now) == [
+        f"train.lr: {old['train']['lr']!r} -> {now['train']['lr']!r}"]

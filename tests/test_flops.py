@@ -357,6 +357,10 @@ def test_analytic_tiny_config_equals_scheduler(ctx, tmp_path):
                              ("pondering K=4", CASES["pondering"]),
                              ("pause K=4", CASES["pause"]),
                              ("latent_fixed K=4", CASES["latent_fixed"]),
+                             *((f"ponderlm2 K=2 J={j}", ["latent.method=ponderlm2",
+                                                         "latent.max_steps=2",
+                                                         f"latent.jacobi_iterations={j}"])
+                               for j in (2, 3)),
                              ("adaptive K=4 [0,0,0,1]", ["latent.method=adaptive", "latent.tau=0"])]:
         _, _, sched = build(ctx, overrides)
         with torch.no_grad():
@@ -382,6 +386,11 @@ def test_analytic_tiny_config_equals_scheduler(ctx, tmp_path):
         sum(2 * (layer + attn * (k + c * k)) for k in range(1, K + 1)) + head)
     assert rows["pause K=4"]["inference_flops_per_token"] == pytest.approx(
         K * 2 * layer + 2 * attn * sum(K * c + j for j in range(1, K + 1)) + head)
+    # PonderLM-2 decodes its 2 stages like 2 pause slots, whatever J its training ran
+    for j in (2, 3):
+        assert rows[f"ponderlm2 K=2 J={j}"]["inference_flops_per_token"] == pytest.approx(
+            2 * 2 * layer + 2 * attn * sum(2 * c + s for s in (1, 2)) + head)
+        assert rows[f"ponderlm2 K=2 J={j}"]["passes"] == 3 + 2 * j
 
 
 def test_expected_latent_pairs_match_random_halting():
@@ -414,6 +423,15 @@ def test_presets_have_paper_sizes(tmp_path):
     vanilla = {r["setup"]: r for r in rows if r["method"] == "vanilla"}
     # 6·N·D within a few % of the exact count at 1.4B (the paper's 2.18e20 uses N = 1.4e9)
     assert vanilla["1.4B"]["exact_over_kaplan"] == pytest.approx(1.0, abs=0.03)
+    from megatron_latentcot.analysis.compare import PAPER_TOKENS
+
+    # beside the paper: PonderLM-2 1.4B at the authors' mean J = 2.5 is their 8x, 17.47e20
+    paper = {(r["setup"], r["paper"].split(" ")[0]): r
+             for r in json.loads((tmp_path / "flops_table.json").read_text())["paper"]}
+    plm2 = paper[("1.4B", "PonderLM-2")]
+    assert plm2["passes"] == 8.0 and plm2["paper_train_flops"] == 17.47e20
+    assert plm2["kaplan_flops_total"] == pytest.approx(8 * 6 * params["1.4B"] * PAPER_TOKENS)
+    assert plm2["exact_over_paper"] == pytest.approx(1.0, abs=0.03)
 
 
 # -- tools/compare_flops.py: run mode -----------------------------------------------------------------

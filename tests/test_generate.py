@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron_latentcot.config import METHODS
+from tests.inference_utils import decoded_flops_equal_forward
 
 VOCAB = 96
 TOL = 1e-10
@@ -23,7 +24,10 @@ BASE = ["model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads
 
 # PonderLM-2 decodes its exact recurrence; the training forward equals it once the Jacobi
 # iteration has converged: J >= (K-1) T (K = 4, T <= 12 here; tests/test_ponderlm2.py)
-CONVERGED = {"ponderlm2": ["latent.jacobi_iterations=36"]}
+CONVERGED = {"ponderlm2": ["latent.jacobi_iterations=36"],
+             # MoR (N_r = 3, a 1-layer shared block): expert-choice decodes by its causal
+             # threshold rule, which the training forward then uses too (tests/test_mor.py)
+             "mor": ["latent.max_steps=3", "model.num_layers=5", "mor.expert_selection=threshold"]}
 
 
 def build(method: str, dtype=torch.float64, extra=(), seed: int = 0):
@@ -86,6 +90,8 @@ def test_step_by_step_decoding_equals_training_forward(method):
         assert len(torch.unique(tf.steps)) >= 3  # real halting: several step counts
     elif method == "vanilla":
         assert (tf.steps == 1).all()
+    elif method == "mor":  # recursions per token (routed; tests/test_mor.py checks they vary)
+        assert ((tf.steps >= 0) & (tf.steps <= 3)).all()
     else:
         assert (tf.steps == 4).all()
 
@@ -219,25 +225,16 @@ def test_decoder_flops_match_the_training_count():
     assert step.flops == forward_flops(model.cfg.model, VOCAB, 2, 22, 2)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "ponderlm2"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("ponderlm2", "mor")])
 def test_decoder_flops_equal_the_training_forward_flops(method):
     """Prefill, and the one-token calls summed, cost the training forward's forward FLOPs of the
     same tokens (every query sees the same keys); and the count is the method's own. (Not
     ponderlm2: its decoder runs the exact recurrence, not the Jacobi passes; its decoder FLOPs
-    are tested in tests/test_ponderlm2.py.)"""
+    are tested in tests/test_ponderlm2.py; mor's, data-dependent, in tests/test_mor.py.)"""
     from megatron_latentcot.flops import latent_forward_flops, method_counts
-    from megatron_latentcot.inference.decoder import IncrementalDecoder, training_forward
 
     model = build(method, dtype=torch.float32)
-    toks = tokens(2, 8)
-    tf = training_forward(model.scheduler, toks)
-    expected = model.scheduler.forward_flops(tf.output)
-    dec = IncrementalDecoder(model.stage, model.cfg)
-    dec.reset(2)
-    assert dec.extend(list(toks)).flops == expected
-    dec.reset(2)
-    calls = [dec.extend([row[t:t + 1] for row in toks]) for t in range(8)]
-    assert sum(c.flops for c in calls) == expected
+    expected = decoded_flops_equal_forward(model, tokens(2, 8))
     # the analytic count of the method's passes and heads (two rows of 8: twice one row's)
     m, k = model.cfg.model, model.scheduler.max_steps
 

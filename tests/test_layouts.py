@@ -32,6 +32,8 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_head
 
 def expected_to_run(method: str, k: int, pp: bool, sp: bool, compact: bool) -> bool:
     """What the README says, written out independently of config.py's table."""
+    if method == "mor":  # one stage, whole activations, always compacted (whatever N_r)
+        return not pp and not sp and compact
     if method == "vanilla" or k == 1:
         return True
     if method in ("pause", "pondering", "ponderlm2"):
@@ -42,7 +44,8 @@ def expected_to_run(method: str, k: int, pp: bool, sp: bool, compact: bool) -> b
 
 
 def _layout(method: str, k: int, pp: bool, sp: bool, compact: bool) -> list[str]:
-    return SMALL + [f"latent.method={method}", f"latent.max_steps={k}",
+    mor = [f"mor.num_recursion={k}", "model.num_layers=6"] if method == "mor" else []
+    return SMALL + mor + [f"latent.method={method}", f"latent.max_steps={k}",
                     f"latent.compact={str(compact).lower()}",
                     f"parallel.pipeline_model_parallel_size={2 if pp else 1}",
                     f"parallel.tensor_model_parallel_size={2 if sp else 1}",

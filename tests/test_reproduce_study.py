@@ -119,7 +119,7 @@ def test_steps_vs_difficulty_finds_hard_tokens_given_more_steps():
 # -- readouts on real models -------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["vanilla", "adaptive", "latent_fixed", "looped", "pondering",
-                                    "pause"])
+                                    "pause", "ponderlm2"])
 def test_step_readouts_agree_with_the_training_forward(method):
     """The last readout is the model's prediction (z^f for adaptive is a mix: only the executed
     steps are checked there); NaN exactly where a token did not run a step."""
@@ -193,7 +193,7 @@ def test_plan_same_tokens_and_seed_policy():
 
     plan = study_plan(160, "d", "r", deep_layers=12)
     by = {s.name: s for s in plan}
-    assert len(by) == len(plan) == 13
+    assert len(by) == len(plan) == 14
     shared = ("train.train_iters", "data.seq_length", "train.global_batch_size",
               "data.data_path", "model.hidden_size")
     for s in plan:
@@ -208,6 +208,8 @@ def test_plan_same_tokens_and_seed_policy():
     assert diff == {"model.num_layers", "train.save", "train.load"}
     assert by["vanilla_deep"].overrides["model.num_layers"] == 12
     assert by["looped_k2"].overrides["latent.max_steps"] == 2
+    assert (by["ponderlm2"].overrides["latent.max_steps"],
+            by["ponderlm2"].overrides["latent.jacobi_iterations"]) == (2, 3)  # the authors' K, J
     assert by["vanilla_emb"].overrides["model.embedding_multiplier"] is None
     assert by["vanilla_emb"].args()[-1] == "model.embedding_multiplier=null"
     assert by["pause_emb1"].args()[-1] == "model.embedding_multiplier=1.0"
@@ -238,3 +240,17 @@ def test_finished_runs_are_skipped_and_other_plans_refused(tmp_path):
     other = study_plan(80, "d", "r")[0]  # another budget
     with pytest.raises(StudyError, match="train.train_iters"):
         finished(tmp_path, other)
+
+
+def test_compare_curves_leave_a_complete_comparison_alone(tmp_path, capsys):
+    """With some results' run directories absent (``--only`` on another machine) the committed
+    comparison is not overwritten by one of fewer runs."""
+    from megatron_latentcot.analysis.study import compare_curves
+
+    (tmp_path / "runs" / "vanilla_s1").mkdir(parents=True)
+    (tmp_path / "runs" / "vanilla_s1" / "metrics.jsonl").write_text("")
+    compare_curves({"vanilla_s1": {}, "ponderlm2": {}}, tmp_path / "runs", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "no run directory" in err and "ponderlm2" in err and "vanilla_s1" not in err.split(
+        "for ")[-1]
+    assert not (tmp_path / "out" / "compare").exists()

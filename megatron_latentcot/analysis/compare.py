@@ -22,7 +22,9 @@ use), the paper's 6·N·passes convention next to it, and inference FLOPs per ge
 written to ``flops_table.{md,json}``.
 
 Outputs go to ``--out-dir`` (default ``runs/compare_flops``, git-ignored); the committed
-``benchmarks/results/flops_table.*`` were written with ``--analytic --out-dir benchmarks/results``.
+``benchmarks/results/flops_table.*`` were written with ``--analytic --steps-dist 0.2,0.3,0.3,0.2
+--steps-dist 0.1,0.1,0.1,0.7 --out-dir benchmarks/results`` (the second distribution: the paper's
+~3.4 passes per token). Below the per-method tables: :data:`PAPER_FLOPS` beside our rows.
 
 Conventions (``megatron_latentcot.flops``): a multiply-add is 2 FLOPs; training = 3 x forward
 (no activation recompute, no flash-attention score recompute). For the adaptive method,
@@ -41,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_latentcot import flops
+from megatron_latentcot import flops, vocab
 from megatron_latentcot.config import (
     Config,
+    ConfigError,
     LatentConfig,
     ModelConfig,
     config_from_dict,
@@ -66,7 +69,49 @@ PRESETS: dict[str, dict[str, Any]] = {
     "7B": {"model": {"num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
                      "ffn_hidden_size": 11008}, "seq": 4096},
 }
-BASELINES = ("vanilla", "looped", "pause", "pondering", "latent_fixed")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One fixed-compute row of the analytic table: a method at the setup's K (``max_steps``
+    None) or at its authors' own K, with what else its FLOPs depend on."""
+
+    method: str
+    max_steps: int | None = None
+    jacobi: int | None = None  # ponderlm2: Jacobi passes J of the training forward
+
+    def k(self, setup_k: int) -> int:
+        return self.max_steps or setup_k
+
+    def label(self, setup_k: int) -> str:
+        if self.method == "vanilla":
+            return "vanilla"
+        return f"{self.method} K={self.k(setup_k)}" + (f" J={self.jacobi}" if self.jacobi else "")
+
+
+# One line per baseline (the adaptive rows follow, one per --steps-dist).
+BASELINES: tuple[Baseline, ...] = (
+    Baseline("vanilla"),
+    Baseline("looped"),
+    Baseline("pause"),
+    Baseline("pondering"),
+    Baseline("latent_fixed"),
+    # PonderLM-2 as its authors train it: one latent thought (K = 2), J drawn from {2, 3} per
+    # micro-batch (their 8x = 3 + 2 E[J]); our config runs a fixed J (3 by default).
+    Baseline("ponderlm2", max_steps=2, jacobi=2),
+    Baseline("ponderlm2", max_steps=2, jacobi=3),
+)
+# The paper's published training FLOPs (6·N·passes, nominal N, 26.2B tokens; METHOD.md) and the
+# rows of this table they correspond to (several: their mean; none: the paper's setting is not a
+# row here). One line per figure.
+PAPER_FLOPS: tuple[tuple[str, str, float, tuple[str, ...]], ...] = (
+    ("1.4B", "vanilla", 2.18e20, ("vanilla",)),
+    ("1.4B", "adaptive l_max=3 (~3.4 passes)", 7.47e20, ("adaptive K=4 [0.1,0.1,0.1,0.7]",)),
+    ("1.4B", "adaptive, strongest (54.5 avg 0-shot)", 10.84e20, ()),
+    ("1.4B", "PonderLM-2 (8x; 52.3 avg 0-shot)", 17.47e20,
+     ("ponderlm2 K=2 J=2", "ponderlm2 K=2 J=3")),
+    ("410M", "adaptive", 2.27e20, ()),
+)
 
 
 class CompareError(Exception):
@@ -113,17 +158,19 @@ class Setup:
 
 def analytic_rows(s: Setup, dists: list[list[float]], tokens: int) -> list[dict[str, Any]]:
     """One row per method (one per distribution for adaptive)."""
-    k, rows = s.max_steps, []
-    methods: list[tuple[str, str, list[float] | None]] = [
-        (meth, meth if meth == "vanilla" else f"{meth} K={k}", None) for meth in BASELINES]
-    methods += [("adaptive", f"adaptive K={k} [{','.join(f'{p:g}' for p in d)}]", d) for d in dists]
-    for method, label, dist in methods:
+    rows = []
+    methods: list[tuple[Baseline, str, list[float] | None]] = [
+        (b, b.label(s.max_steps), None) for b in BASELINES]
+    methods += [(Baseline("adaptive"),
+                 f"adaptive K={s.max_steps} [{','.join(f'{p:g}' for p in d)}]", d) for d in dists]
+    for b, label, dist in methods:
+        method, k = b.method, b.k(s.max_steps)
         n = param_count(s.model, s.vocab, method, k)
-        exact = flops.train_flops_per_token(
-            s.model, s.vocab, flops.method_counts(method, s.seq, k, dist, s.ptarget), s.seq)
-        npass = flops.passes_per_token(method, k, dist)
-        rows.append({"setup": s.name, "method": method, "label": label, "params": n,
-                     "passes": npass, "train_flops_per_token": exact,
+        exact = flops.train_flops_per_token(s.model, s.vocab, flops.method_counts(
+            method, s.seq, k, dist, s.ptarget, jacobi=b.jacobi), s.seq)
+        npass = flops.passes_per_token(method, k, dist, jacobi=b.jacobi)
+        rows.append({"setup": s.name, "method": method, "label": label, "params": n, "K": k,
+                     "jacobi": b.jacobi, "passes": npass, "train_flops_per_token": exact,
                      "kaplan_flops_per_token": flops.kaplan_flops_per_token(n, npass),
                      "train_flops_total": exact * tokens,
                      "kaplan_flops_total": flops.kaplan_flops_per_token(n, npass) * tokens,
@@ -135,6 +182,27 @@ def analytic_rows(s: Setup, dists: list[list[float]], tokens: int) -> list[dict[
         r["exact_over_kaplan"] = r["train_flops_per_token"] / r["kaplan_flops_per_token"]
         r["inference_ratio"] = r["inference_flops_per_token"] / base["inference_flops_per_token"]
     return rows
+
+
+def paper_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:data:`PAPER_FLOPS` beside this table: for each published figure whose setup was
+    tabulated, the mean over its rows of our 6·N·passes and exact totals (None where the
+    paper's setting is not a row, e.g. an adaptive distribution not passed by --steps-dist)."""
+    out = []
+    for setup, what, paper, labels in PAPER_FLOPS:
+        if not any(r["setup"] == setup for r in rows):
+            continue
+        found = [r for label in labels for r in rows if r["setup"] == setup and r["label"] == label]
+        ok = bool(labels) and len(found) == len(labels)
+        mean = {key: sum(r[key] for r in found) / len(found) if ok else None
+                for key in ("passes", "kaplan_flops_total", "train_flops_total")}
+        out.append({"setup": setup, "paper": what, "paper_train_flops": paper, "rows": list(labels),
+                    **mean, "exact_over_paper": mean["train_flops_total"] / paper if ok else None})
+    return out
+
+
+def _fmt3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _e(x: float | None) -> str:
@@ -170,31 +238,35 @@ def analytic_markdown(setups: list[Setup], rows: list[dict[str, Any]], tokens: i
                 f"{_e(r['kaplan_flops_total'])} | {_e(r['inference_flops_per_token'])} | "
                 f"{r['inference_ratio']:.2f} |")
         lines.append("")
+    paper = paper_comparison(rows)
+    if paper:
+        lines += ["## Beside the paper's published training FLOPs", "",
+                  "The paper's figure (6·N·passes with nominal N) and the rows above it corresponds "
+                  "to (their mean: PonderLM-2's authors draw J uniformly from {2, 3}; `n/a`: the "
+                  "paper's setting is not a row here). `exact / paper`: our exact count over the "
+                  "published figure.", "",
+                  "| setup | paper | paper train FLOPs | our rows | passes/token | 6·N·passes "
+                  "total | exact total | exact / paper |", "|---|---|---:|---|---:|---:|---:|---:|"]
+        for r in paper:
+            lines.append(f"| {r['setup']} | {r['paper']} | {_e(r['paper_train_flops'])} | "
+                         f"{', '.join(r['rows']) or 'n/a'} | {_e(r['passes'])} | "
+                         f"{_e(r['kaplan_flops_total'])} | {_e(r['train_flops_total'])} | "
+                         f"{_fmt3(r['exact_over_paper'])} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 # -- vocabulary ----------------------------------------------------------------------------------
 
 def resolve_vocab(cfg: Config, override: int | None, base: Path | None = None) -> int:
-    """Embedding rows: ``--vocab``, else ``model.vocab_size``, else the tokenizer padded like
-    ``model.llama.padded_vocab_size`` (not imported: megatron-core is slow to import)."""
-    if override is not None:
-        return override
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    path = cfg.data.tokenizer_model
-    candidates = [Path(path)] if path else []
-    if path and not Path(path).is_absolute():
-        candidates += [p / path for p in (base, REPO_ROOT) if p is not None]
-    for cand in candidates:
-        if cand.exists():
-            from megatron_latentcot.data.tokenizer import build_tokenizer
-
-            raw = build_tokenizer(cfg.data.tokenizer_type, str(cand)).vocab_size
-            multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
-            return int(math.ceil(raw / multiple) * multiple)
-    raise CompareError(f"vocabulary size unknown: model.vocab_size is null and the tokenizer "
-                       f"({path!r}) is not found; pass --vocab")
+    """Embedding rows: ``--vocab``, else ``model.vocab_size``, else the tokenizer (looked up
+    under ``base``, then the repository) padded as training pads it (:mod:`~megatron_latentcot.vocab`,
+    which does not import megatron-core: it is slow to import)."""
+    try:
+        return vocab.resolve_vocab(cfg, cfg.parallel.tensor_model_parallel_size, override,
+                                   bases=(base, REPO_ROOT), flag="--vocab")
+    except ConfigError as e:
+        raise CompareError(f"vocabulary size unknown: {e}") from None
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -450,6 +522,6 @@ def write_analytic(setups: list[Setup], dists: list[str] | None, tokens: int,
     print(md)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "flops_table.md").write_text(md)
-    (out_dir / "flops_table.json").write_text(json.dumps({"tokens": tokens, "rows": rows},
-                                                         indent=2) + "\n")
+    (out_dir / "flops_table.json").write_text(json.dumps(
+        {"tokens": tokens, "rows": rows, "paper": paper_comparison(rows)}, indent=2) + "\n")
     return rows

@@ -26,7 +26,7 @@ Steps, each skipped when its output exists (so a re-run resumes):
    :func:`megatron_latentcot.analysis.compare.compare_runs`).
 
 ``--budget`` scales the training iterations of every run (1.0 = 140 iterations of 16 x 128
-tokens, about 75 CPU-minutes in all on 2 shared cores; 0.05 is a smoke test). All runs see
+tokens, about 80 CPU-minutes in all on 2 shared cores; 0.05 is a smoke test). All runs see
 the same tokens in the same order for a given seed (the data order follows ``train.seed``).
 """
 
@@ -143,6 +143,14 @@ def study_plan(iters: int, data_dir: str, runs_dir: str,
              **{"latent.max_steps": 4}),
         spec("pondering", "tiny_pondering", "pondering", "pondering", "pondering K4",
              **{"latent.max_steps": 4}),
+        # PonderLM-2 as its authors train it: 1 latent thought (K = 2), J = 3 Jacobi passes.
+        spec("ponderlm2", "tiny_ponderlm2", "ponderlm2", "ponderlm2", "PonderLM-2 K2 J3",
+             **{"latent.max_steps": 2, "latent.jacobi_iterations": 3}),
+        # MoR, expert-choice with the authors' default capacities (N_r - r + 1) / N_r: the
+        # study's 4 layers fit N_r = 2 (first and last layer unique, a shared block of 1 layer;
+        # capacities (1, 1/2), effective depth 2 + 1 + 1/2 per token).
+        spec("mor", "tiny_mor", "mor", "mor", "MoR expert N_r=2 (1, 1/2)",
+             **{"latent.max_steps": 2, "mor.num_recursion": 2, "mor.router": "expert"}),
         # tiny.yaml's vanilla keeps embeddings at x1.0; every other method's config scales them
         # by sqrt(2.5 d): this run separates that difference from the method's.
         spec("vanilla_emb", "tiny", "vanilla", "vanilla_emb", "vanilla, embeddings x sqrt(2.5d)",
@@ -710,11 +718,16 @@ def _gain_line(ax, c: dict[str, list], label: str, ls: str = "-", min_count: int
 
 
 def compare_curves(results: dict[str, dict[str, Any]], runs_dir: Path, out: Path) -> None:
-    """``tools/compare_flops.py``'s table and curves, when the run directories are here."""
+    """``tools/compare_flops.py``'s table and curves, when the run directories of every result
+    are here (a partial set, e.g. after ``--only`` on another machine, would overwrite the
+    complete comparison with fewer runs: skipped with a message)."""
     order = [s.name for s in study_plan(1, "", "", 0)]  # vanilla_s1 first: the FLOPs reference
     names = sorted(results, key=lambda n: order.index(n) if n in order else len(order))
     dirs = [runs_dir / n for n in names if (runs_dir / n / "metrics.jsonl").is_file()]
-    if not dirs:
+    if len(dirs) < len(names):
+        missing = sorted(set(names) - {d.name for d in dirs})
+        print(f"note: {out / 'compare'} left as it is: no run directory in {runs_dir} for "
+              f"{', '.join(missing)}", file=sys.stderr)
         return
     try:
         compare.compare_runs(dirs, out / "compare")

@@ -8,7 +8,8 @@
 - ``auto``: ``hf`` when the model is a plain Llama (vanilla, or any method with max_steps 1),
   else ``latent``.
 
-The tokenizer file is copied beside the weights.
+The tokenizer is written beside the weights as transformers keeps it (``tokenizer.model``,
+``tokenizer.json``, or GPT-2's ``vocab.json`` + ``merges.txt`` + ``tokenizer.json``).
 
     python tools/export_hf.py runs/tiny --output hf_model
     python tools/export_hf.py runs/tiny_adaptive --output runs/tiny_adaptive_export --format latent
@@ -17,7 +18,6 @@ The tokenizer file is copied beside the weights.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,18 +28,16 @@ from megatron_latentcot.training.faults import exits_on_input_error
 
 def is_plain_llama(model: LoadedModel) -> bool:
     lat = model.cfg.latent
-    return lat.method == "vanilla" or lat.max_steps == 1
+    # MoR's shared block and routers are not a Llama whatever the number of recursions
+    return lat.method == "vanilla" or (lat.max_steps == 1 and lat.method != "mor")
 
 
 def _copy_tokenizer(model: LoadedModel, out: Path) -> dict | None:
-    tok = model.tokenizer
-    if tok is None:
+    """The model's tokenizer written beside the weights (``Tokenizer.export``: HF's layout, a
+    GPT-2 vocab/merges pair included); its record for ``latent_config.json``."""
+    if model.tokenizer is None:
         return None
-    src = Path(tok.path)
-    name = "tokenizer.json" if tok.tokenizer_type == "huggingface" else "tokenizer.model"
-    shutil.copyfile(src, out / name)
-    return {"type": tok.tokenizer_type, "file": name, "fingerprint": tok.fingerprint,
-            "eod": tok.eod, "vocab_size": tok.vocab_size}
+    return model.tokenizer.export(out, model_max_length=model.cfg.model.max_position_embeddings)
 
 
 def export(model: LoadedModel, out_dir: str | Path, fmt: str = "auto",
@@ -71,7 +69,8 @@ def export(model: LoadedModel, out_dir: str | Path, fmt: str = "auto",
         save_latent_export(state, dataclasses.asdict(model.cfg.model),
                            dataclasses.asdict(model.cfg.latent), model.vocab_size, out,
                            seq_length=model.cfg.data.seq_length, tokenizer=tok,
-                           extra={"source": model.source}, dtype=dtype)
+                           extra={"source": model.source,
+                                  "mor": dataclasses.asdict(model.cfg.mor)}, dtype=dtype)
     else:
         raise ValueError(f"--format: expected auto, hf or latent, got {fmt!r}")
     return fmt

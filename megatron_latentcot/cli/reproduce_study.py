@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Small-scale reproduction study (issue #11): every "
                                 "method on the default corpus, one command.")
     p.add_argument("--budget", type=float, default=d.budget,
-                   help=f"scales every run's iterations (1.0 = {BASE_ITERS}; ~75 CPU-min on 2 shared "
+                   help=f"scales every run's iterations (1.0 = {BASE_ITERS}; ~80 CPU-min on 2 shared "
                         "CPU cores)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads per process (1: robust on a shared 2-core machine)")

@@ -39,6 +39,7 @@ __all__ = [
     "TokenizerFileNotFoundError",
     "build_tokenizer",
     "canonical_tokenizer_type",
+    "find_tokenizer",
 ]
 
 # Every accepted tokenizer_type -> its backend ("sentencepiece", "huggingface" or "gpt2bpe",
@@ -135,6 +136,28 @@ class Tokenizer:
             )
         return ids
 
+    # The file (or ``"."``: the directory itself) that rebuilds this tokenizer from an export
+    # directory, and the files written there (name -> bytes): :meth:`export`.
+    export_entry: str = ""
+
+    def _export_files(self, model_max_length: int | None) -> dict[str, bytes]:
+        raise NotImplementedError
+
+    def export(self, out_dir: str | Path, model_max_length: int | None = None) -> dict[str, Any]:
+        """Write this tokenizer into ``out_dir`` the way HF ``transformers`` keeps it, so that
+        a model export carries its tokenizer (and :func:`find_tokenizer` reads it back).
+
+        Returns the record an export keeps: {"type", "file" (``out_dir``-relative; "." for the
+        directory), "fingerprint", "eod", "vocab_size"}. The fingerprint is unchanged: the
+        tokenizer's own file bytes are written as they are.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in self._export_files(model_max_length).items():
+            (out / name).write_bytes(data)
+        return {"type": self.tokenizer_type, "file": self.export_entry,
+                "fingerprint": self.fingerprint, "eod": self.eod, "vocab_size": self.vocab_size}
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
@@ -164,6 +187,10 @@ class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece ``.model`` file; ``eod`` is the model's EOS id."""
 
     tokenizer_type = "sentencepiece"
+    export_entry = "tokenizer.model"
+
+    def _export_files(self, model_max_length: int | None) -> dict[str, bytes]:
+        return {self.export_entry: self._data}
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -223,6 +250,10 @@ class HuggingFaceTokenizer(Tokenizer):
     """
 
     tokenizer_type = "huggingface"
+    export_entry = "tokenizer.json"
+
+    def _export_files(self, model_max_length: int | None) -> dict[str, bytes]:
+        return {self.export_entry: self._data}
 
     def __init__(self, path: str | Path, eod_token: str | None = None) -> None:
         p = Path(path)
@@ -304,6 +335,22 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
     """
 
     tokenizer_type = "gpt2bpe"
+    export_entry = "."  # the export directory holds the pair under HF's names
+
+    def _export_files(self, model_max_length: int | None) -> dict[str, bytes]:
+        """HF's GPT-2 layout: the pair as ``vocab.json`` + ``merges.txt`` (bytes unchanged), the
+        same pipeline as ``tokenizer.json`` (what ``GPT2TokenizerFast`` runs), and a
+        ``tokenizer_config.json`` naming the class (the model's config.json says llama, so
+        ``AutoTokenizer`` would otherwise pick Llama's tokenizer)."""
+        eot = self._eod_token
+        config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+                  "add_bos_token": False, "bos_token": eot, "eos_token": eot, "unk_token": eot,
+                  "model_max_length": model_max_length or 1024, "clean_up_tokenization_spaces":
+                  False}
+        vocab, merges = GPT2_FILE_PAIRS[0]
+        return {vocab: self._data, merges: self._merges,
+                "tokenizer.json": self._tok.to_str(pretty=True).encode("utf-8"),
+                "tokenizer_config.json": (json.dumps(config, indent=1) + "\n").encode("utf-8")}
 
     def __init__(self, vocab_file: str | Path, merge_file: str | Path) -> None:
         self.path, self.merge_path = str(vocab_file), str(merge_file)
@@ -412,3 +459,43 @@ def build_tokenizer(
             )
         return SentencePieceTokenizer(tokenizer_model)
     return HuggingFaceTokenizer(tokenizer_model, eod_token=eod_token)
+
+
+def _gpt2_vocab_names() -> set[str]:
+    return {vocab for vocab, _ in GPT2_FILE_PAIRS}
+
+
+def find_tokenizer(tokenizer_type: str, tokenizer_model: str | Path | None,
+                   bases: tuple[str | Path | None, ...] = (),
+                   fingerprint: str | None = None) -> Tokenizer | None:
+    """The tokenizer a config or a checkpoint records, wherever it now is: the one way
+    inference, export, ``plan`` and the FLOPs comparison find a run's tokenizer.
+
+    ``tokenizer_model``: a file, or a directory (GPT-2's vocab/merges pair; an HF
+    ``tokenizer.json``). A relative path is tried under each of ``bases`` (a run or export
+    directory first), then as given. A ``.json`` file on a non-GPT-2 config is read as an HF
+    ``tokenizer.json``; a GPT-2 vocab file (``vocab.json``, ``encoder.json``, ...) as the pair
+    in its directory. ``fingerprint``: the recorded one; a found tokenizer with another raises.
+
+    Returns None when no candidate exists; raises TokenizerError when one exists but does not
+    load, or is not the recorded tokenizer.
+    """
+    if tokenizer_model is None or str(tokenizer_model) == "":
+        return None
+    path = Path(tokenizer_model)
+    candidates = [path] if path.is_absolute() else [Path(b) / path for b in bases if b] + [path]
+    found = list(dict.fromkeys(c for c in candidates if c.exists()))
+    backend = canonical_tokenizer_type(tokenizer_type)
+    for c in found:
+        if backend == "gpt2bpe" and c.is_file() and c.name in _gpt2_vocab_names():
+            tok = build_tokenizer(tokenizer_type, c.parent)
+        elif backend != "gpt2bpe" and c.is_file() and c.suffix == ".json":
+            tok = build_tokenizer("huggingface", c)
+        else:
+            tok = build_tokenizer(tokenizer_type, c)
+        if not fingerprint or tok.fingerprint == fingerprint:
+            return tok
+    if found:
+        raise TokenizerError(f"{found[0]}: not the tokenizer the model was trained with "
+                             "(fingerprint differs)")
+    return None

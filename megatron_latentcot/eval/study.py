@@ -136,8 +136,10 @@ def step_readouts(model, tokens: np.ndarray, labels: np.ndarray,
             if kind == "looped":
                 states = [stage.final_norm(h) for h in seen]
                 slots = [torch.arange(n)] * len(states)
-            elif kind == "pause":  # one call over all K slots of every token
-                (z,) = seen
+            elif kind in ("pause", "ponderlm2"):  # all K slots of every token in one call
+                z = seen[-1] if kind == "ponderlm2" else seen[0]  # ponderlm2: its final pass
+                if kind == "pause" and len(seen) != 1:
+                    raise RuntimeError(f"pause: {len(seen)} final-norm calls, expected 1")
                 z = z.view(n, k_max, 1, z.shape[-1])
                 states = [z[:, j] for j in range(k_max)]
                 slots = [torch.arange(n)] * k_max

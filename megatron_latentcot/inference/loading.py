@@ -214,30 +214,23 @@ def _vocab_rows(files: Any) -> int:
 
 def _load_tokenizer(cfg: Config, fingerprint: str | None, tokenizer_model: str | Path | None,
                     base: Path) -> Tokenizer | None:
-    """The tokenizer file named by ``tokenizer_model`` or the config, checked by fingerprint.
+    """The tokenizer named by ``tokenizer_model`` or the config (a file, or a directory such as
+    GPT-2's vocab/merges pair), checked by fingerprint (``data.tokenizer.find_tokenizer``).
 
     A relative config path is looked up beside the checkpoint/export (``base``), then in the
-    working directory. Returns None when no file is found (and none was asked for).
+    working directory. Returns None when nothing is found (and nothing was asked for).
     """
-    from megatron_latentcot.data.tokenizer import build_tokenizer
+    from megatron_latentcot.data.tokenizer import TokenizerError, find_tokenizer
 
     path = tokenizer_model or cfg.data.tokenizer_model
-    if path is None:
-        return None
-    candidates = [Path(path)] if tokenizer_model or Path(path).is_absolute() \
-        else [base / path, Path(path)]
-    found = [c for c in candidates if c.is_file()]
-    for c in found:
-        kind = "huggingface" if c.suffix == ".json" else cfg.data.tokenizer_type
-        tok = build_tokenizer(kind, c)
-        if not fingerprint or tok.fingerprint == fingerprint:
-            return tok
-    if found:
-        raise LoadError(f"{found[0]}: not the tokenizer the model was trained with "
-                        "(fingerprint differs)")
-    if tokenizer_model:
+    try:
+        tok = find_tokenizer(cfg.data.tokenizer_type, path,
+                             () if tokenizer_model else (base,), fingerprint)
+    except TokenizerError as e:
+        raise LoadError(str(e)) from None
+    if tok is None and tokenizer_model:
         raise LoadError(f"{tokenizer_model}: tokenizer file not found")
-    return None
+    return tok
 
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
@@ -299,8 +292,10 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu",
     tok = meta.get("tokenizer") or {}
     data = {"seq_length": int(meta.get("seq_length", 1)),
             "tokenizer_type": tok.get("type", "sentencepiece"), "tokenizer_model": tok.get("file")}
-    cfg = config_from_saved({"model": meta["model"], "latent": meta["latent"], "data": data},
-                            str(d))
+    sections = {"model": meta["model"], "latent": meta["latent"], "data": data}
+    if meta.get("mor") is not None:  # MoR's settings (exports before it have none)
+        sections["mor"] = meta["mor"]
+    cfg = config_from_saved(sections, str(d))
     model = build_model(cfg, int(meta["vocab_size"]), device="cpu", dtype=torch.float32)
     try:
         weights = load_file(str(d / WEIGHTS))

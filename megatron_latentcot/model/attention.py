@@ -107,13 +107,15 @@ def flex_width(n: int, block: int = BLOCK) -> int:
     return block * max(2, -(-n // block))
 
 
-def rows_layout(row_of: torch.Tensor, rows: int,
-                block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group packed slots by batch row: ([rows, L] indices into the slots, [rows, L] valid).
+def rows_layout(row_of: torch.Tensor, rows: int, block: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group packed slots by batch row: ([rows, L] indices into the slots, [rows, L] valid,
+    [N] each slot's column).
 
     L is the widest row (``flex_width`` of it with a ``block``), keeping the packed order within
     each row. O(N) when the slots are already grouped by row (training's row-major packing),
-    O(N log N) otherwise (the decoder's append-ordered cache).
+    O(N log N) otherwise (the decoder's append-ordered cache). Appending slots to a cache keeps
+    every earlier slot's column: the in-place K/V cache (:class:`KVStore`) relies on it.
     """
     counts = torch.bincount(row_of, minlength=rows)
     widest = int(counts.max().item()) if row_of.numel() else 0
@@ -128,7 +130,9 @@ def rows_layout(row_of: torch.Tensor, rows: int,
     valid = torch.zeros(rows, width, dtype=torch.bool, device=row_of.device)
     index[sorted_rows, slot] = order
     valid[sorted_rows, slot] = True
-    return index, valid
+    column = torch.empty_like(slot)
+    column[order] = slot
+    return index, valid, column
 
 
 @dataclass
@@ -147,6 +151,7 @@ class RowLayout:
     q_pos: torch.Tensor  # int32 [rows, Lq]
     q_start: torch.Tensor  # int32 [rows, Lq]: the query's document start
     k_pos: torch.Tensor  # int32 [rows, Lk]
+    k_column: torch.Tensor  # [Nk] column of each packed key in its row
 
     def mask(self) -> torch.Tensor:
         """The dense [rows, Lq, Lk] rule (SDPA's mask; O(pairs): never for flex)."""
@@ -159,13 +164,23 @@ def row_layout(plan: AttentionPlan, block: int | None = None) -> RowLayout:
     seq = plan.seq
     q = plan.all_slots() if plan.dense else plan.q_slots
     k = q if plan.dense else plan.k_slots
-    q_index, q_valid = rows_layout(q // seq, plan.rows, block)
-    k_index, k_valid = (q_index, q_valid) if plan.dense else rows_layout(k // seq, plan.rows, block)
+    q_index, q_valid, q_column = rows_layout(q // seq, plan.rows, block)
+    k_index, k_valid, k_column = ((q_index, q_valid, q_column) if plan.dense
+                                  else rows_layout(k // seq, plan.rows, block))
     k_real = k_valid if plan.k_live is None else k_valid & plan.k_live[k_index]
     q_pos = torch.where(q_valid, (q % seq)[q_index], -1)
     q_start = torch.where(q_valid, _doc_start(plan)[q][q_index], 0)
     k_pos = torch.where(k_real, (k % seq)[k_index], _DEAD)
-    return RowLayout(q_index, q_valid, k_index, q_pos.int(), q_start.int(), k_pos.int())
+    return RowLayout(q_index, q_valid, k_index, q_pos.int(), q_start.int(), k_pos.int(), k_column)
+
+
+def key_layout(plan: AttentionPlan) -> RowLayout:
+    """The row layout the plan's backend reads its keys in (built once per plan)."""
+    if plan.backend == "flex":
+        return flex_block_mask(plan, BLOCK)[1]
+    if "rows" not in plan._cache:
+        plan._cache["rows"] = row_layout(plan)
+    return plan._cache["rows"]
 
 
 # -- SDPA -------------------------------------------------------------------------------------
@@ -177,7 +192,7 @@ def _sdpa_layout(plan: AttentionPlan):
     if plan.dense:  # queries == keys == all slots in row-major order: no gather
         layout = None if plan.doc_ids is None else row_layout(plan).mask()[:, None]
     else:
-        lay = row_layout(plan)
+        lay = key_layout(plan)
         mask = lay.mask()
         mask[:, :, 0] |= ~lay.q_valid  # padding queries attend to one real key: no all-masked rows
         layout = (lay.q_index, lay.q_valid, lay.k_index, mask[:, None])
@@ -187,7 +202,7 @@ def _sdpa_layout(plan: AttentionPlan):
 
 def _sdpa(q, k, v, plan: AttentionPlan) -> torch.Tensor:
     nq, hq, d = q.shape
-    gqa = hq != k.shape[1]
+    gqa = hq != k.shape[-2]
     layout = _sdpa_layout(plan)
     if plan.dense:
         b, t = plan.rows, plan.seq
@@ -199,7 +214,7 @@ def _sdpa(q, k, v, plan: AttentionPlan) -> torch.Tensor:
         return out.transpose(1, 2).reshape(nq, hq * d)
     q_index, q_valid, k_index, mask = layout
     qd = q[q_index].transpose(1, 2)  # [rows, Hq, Lq, D]
-    kd, vd = k[k_index].transpose(1, 2), v[k_index].transpose(1, 2)
+    kd, vd = _key_rows(k, k_index), _key_rows(v, k_index)
     out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa)
     # Packed queries are row-major, so the valid slots in row order are the packed order.
     return out.transpose(1, 2)[q_valid].reshape(nq, hq * d)
@@ -264,14 +279,17 @@ def flex_block_mask(plan: AttentionPlan, block: int = BLOCK):
     return plan._cache[key]
 
 
-def flex_mask_bytes(rows: int, width_q: int, width_k: int, block: int = BLOCK) -> int:
+def flex_mask_bytes(rows: int, width_q: int, width_k: int, block: int = BLOCK,
+                    keys: int | None = None) -> int:
     """Bytes a :func:`flex_block_mask` keeps for ``rows`` rows of ``width_q`` queries over
-    ``width_k`` keys (flex widths): the row layout (index int64, valid, positions int32) and
-    the partial and full block lists in both orientations (int32): per row, a few integers per
-    query and key slot and four per (query block, key block), never per pair."""
+    ``width_k`` keys (flex widths; ``keys`` packed keys, at most all of them): the row layout
+    (index int64, valid, positions int32, each packed key's column int64) and the partial and
+    full block lists in both orientations (int32): per row, a few integers per query and key
+    slot and four per (query block, key block), never per pair."""
     nq, nk = width_q // block, width_k // block
     layout = (8 + 1 + 4 + 4) * width_q + (8 + 4) * width_k
-    return rows * (layout + 2 * 4 * (nq + nq * nk + nk + nk * nq))
+    keys = rows * width_k if keys is None else keys
+    return rows * (layout + 2 * 4 * (nq + nq * nk + nk + nk * nq)) + 8 * keys
 
 
 COMPILE_ON_CPU = False  # compiled flex on CPU too (forward only; tests count its graphs)
@@ -295,16 +313,96 @@ def _flex(q, k, v, plan: AttentionPlan) -> torch.Tensor:
     mask, lay = flex_block_mask(plan, BLOCK)  # (BLOCK read now: tests vary it)
     identity = plan.dense and lay.q_index.shape[1] == plan.seq  # rows need no padding
 
-    def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [rows, H, L, D], a copy
-        # of the packed slots grouped per row (the K/V cache's copy grows with the cache)
-        return (x.view(plan.rows, plan.seq, *x.shape[1:]) if identity else x[index]).transpose(1, 2)
+    def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [rows, H, L, D]
+        return x.view(plan.rows, plan.seq, *x.shape[1:]).transpose(1, 2) if identity \
+            else _key_rows(x, index)
 
     out = _flex_fn(q.device)(rows(q, lay.q_index), rows(k, lay.k_index), rows(v, lay.k_index),
-                             block_mask=mask, enable_gqa=hq != k.shape[1])
+                             block_mask=mask, enable_gqa=hq != k.shape[-2])
     return out.transpose(1, 2)[lay.q_valid].reshape(nq, hq * d)
+
+
+def _key_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Packed slots [N, H, D] grouped per row by ``index`` (a copy), or keys already in the
+    row layout (a :class:`KVStore` view [rows, L, H, D]: read in place); -> [rows, H, L, D]."""
+    return (x if x.dim() == 4 else x[index]).transpose(1, 2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               plan: AttentionPlan) -> torch.Tensor:
-    """q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] (Hq a multiple of Hkv). Returns [Nq, Hq * D]."""
+    """q: [Nq, Hq, D]; k, v: [Nk, Hkv, D] packed in the plan's key order, or (non-dense plans)
+    the keys already in :func:`key_layout`'s rows, [rows, Lk, Hkv, D] (a :class:`KVStore`
+    view). Hq a multiple of Hkv. Returns [Nq, Hq * D]."""
     return _flex(q, k, v, plan) if plan.backend == "flex" else _sdpa(q, k, v, plan)
+
+
+# -- the K/V cache, written in place -----------------------------------------------------------
+
+def cache_capacity(keys: int, backend: str) -> int:
+    """Columns a :class:`KVStore` needs for rows of up to ``keys`` keys under ``backend``."""
+    return flex_width(keys) if backend == "flex" else keys
+
+
+class KVStore:
+    """One layer's K/V of one stream (a training micro-batch's latent steps, or a decoder's
+    rows), preallocated ``[rows, capacity, Hkv, D]`` in :func:`key_layout`'s row layout: column
+    j of row r is the row's j-th key in cache order. A run writes its own keys into their
+    columns and attention reads the first L columns as they are, so no step concatenates or
+    regathers the cache (a step-k read used to copy all k steps' keys, twice). Training sizes it
+    for every (t, k) slot the steps can reach; a decoder's grows by doubling when full."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def reserve(self, like: torch.Tensor, rows: int, width: int) -> None:
+        """Storage for at least ``width`` columns (zeros: unwritten columns are masked, and a
+        masked key must be finite for its zero weight to cancel it)."""
+        if self.k is not None and self.k.shape[1] >= width:
+            return
+        capacity = max(width, self.capacity, 2 * (0 if self.k is None else self.k.shape[1]))
+        shape = (rows, capacity, *like.shape[1:])
+        k, v = (like.new_zeros(shape) for _ in range(2))
+        if self.k is not None:
+            k[:, :self.k.shape[1]], v[:, :self.v.shape[1]] = self.k, self.v
+        self.k, self.v = k, v
+
+
+class _Write(torch.autograd.Function):
+    """Write a run's keys into a store's columns in place; return its first ``width`` columns.
+
+    The write goes through ``.data``: it must not bump the version of earlier reads' saved
+    views, which is exact because every column it fills was masked (not yet written) for them.
+    Backward splits the read's gradient into this run's keys and ``prev`` (the earlier keys'
+    columns), so every key collects the gradient of each later read."""
+
+    @staticmethod
+    def forward(ctx, prev, new, store, rows, cols, width):
+        store.data[rows, cols] = new
+        ctx.save_for_backward(rows, cols)
+        ctx.prev_width = None if prev is None else prev.shape[1]
+        return store[:, :width]
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols = ctx.saved_tensors
+        prev = None if ctx.prev_width is None else grad[:, :ctx.prev_width]
+        return prev, grad[rows, cols], None, None, None, None
+
+
+def cache_keys(store: KVStore, prev: tuple[torch.Tensor, torch.Tensor] | None,
+               k: torch.Tensor, v: torch.Tensor,
+               plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write a run's packed keys ``k, v`` [Nq, Hkv, D] (the plan's last Nq keys: a run's
+    queries are its own new keys) into ``store``; return the store's view [rows, Lk, Hkv, D]
+    of every key so far, carrying autograd history to ``prev`` (the previous view) and ``k``."""
+    lay = key_layout(plan)
+    n = k.shape[0]
+    slots = plan.all_slots() if plan.dense else plan.k_slots
+    rows, cols = slots[-n:] // plan.seq, lay.k_column[-n:]
+    width = lay.k_index.shape[1]
+    store.reserve(k, plan.rows, width)
+    pk, pv = (None, None) if prev is None else prev
+    return (_Write.apply(pk, k, store.k, rows, cols, width),
+            _Write.apply(pv, v, store.v, rows, cols, width))

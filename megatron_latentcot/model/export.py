@@ -119,7 +119,8 @@ def save_latent_export(state: dict[str, torch.Tensor], model_cfg: dict, latent_c
     """Write logical weights (``model.safetensors``) + ``latent_config.json`` for our inference code.
 
     ``model_cfg`` / ``latent_cfg``: the ``model`` and ``latent`` config sections as dicts;
-    ``tokenizer``: {"type", "file" (relative to ``out_dir``), "fingerprint"}.
+    ``tokenizer``: ``Tokenizer.export``'s record, {"type", "file" (relative to ``out_dir``; "."
+    for the directory itself, e.g. GPT-2's vocab.json + merges.txt), "fingerprint", ...}.
     """
     import json
     from pathlib import Path

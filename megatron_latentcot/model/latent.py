@@ -19,7 +19,6 @@ generator serves training (one stage: :meth:`LatentStepScheduler.drive`; the pip
 
 from __future__ import annotations
 
-import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
@@ -28,9 +27,16 @@ import torch
 from megatron_latentcot.config import METHODS, Config, ConfigError, check_layout
 from megatron_latentcot.flops import StepCounts, latent_forward_flops
 from megatron_latentcot.loss import masked_mean, token_cross_entropy
-from megatron_latentcot.model import baselines
-from megatron_latentcot.model.attention import AttentionPlan, causal_plan, latent_plan, visible_pairs
-from megatron_latentcot.model.llama import LayerRun, LlamaStage, upcast
+from megatron_latentcot.model import baselines, mor
+from megatron_latentcot.model.attention import (
+    AttentionPlan,
+    KVStore,
+    cache_capacity,
+    causal_plan,
+    latent_plan,
+    visible_pairs,
+)
+from megatron_latentcot.model.llama import LayerCache, LayerRun, LlamaStage, upcast
 from megatron_latentcot.model.router import Decision, decide
 
 
@@ -42,6 +48,7 @@ class StepRecord:
     live: int  # of which really executed (== tokens when compacting)
     pairs: int  # visible attention pairs
     gates: torch.Tensor | None = None  # the live tokens' gates (detached)
+    layers: int | None = None  # layers this run went through (None: all; MoR's runs differ)
 
 
 @dataclass
@@ -53,17 +60,21 @@ class LatentOutput:
     records: list[StepRecord] = field(default_factory=list)
     ptarget_tokens: int = 0  # tokens that went through the per-step p_target head
     head_tokens: int | None = None  # LM-head-sized matmuls with gradient (None = one per token)
+    router_tokens: int | None = None  # 1-output router matmuls (None: adaptive's rule; MoR's own)
     logits: torch.Tensor | None = None  # [N, 1, V/tp] the final logits, when asked for
 
 
 class KVStream:
-    """One chain of layer runs' K/V kept across decoder calls (looped: one per repeat;
-    pondering: one per pass; else one): per layer (keys, values) of every executed slot in the
-    order they ran, each tagged (row, position, step, live) so that later calls, whose grids
-    are wider, can rebuild the 2-D rule over it."""
+    """One chain of layer runs' K/V: a training micro-batch's latent steps, or what a decoder
+    keeps across calls (looped: one per repeat; pondering: one per pass; else one). Per layer a
+    :class:`~megatron_latentcot.model.attention.KVStore` holds the keys of every executed slot
+    in the order they ran, each tagged (row, position, step, live) so that later runs, whose
+    grids may be wider, can rebuild the 2-D rule over it. ``capacity``: columns per row to
+    preallocate (training: every (t, k) slot the steps can reach; 0: grow as needed)."""
 
-    def __init__(self) -> None:
-        self.kv: list | None = None  # written by the driver after each run of the stream
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.kv: list[LayerCache] | None = None  # written by the driver after each run
         self.rows: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
         self.step: torch.Tensor | None = None
@@ -79,6 +90,12 @@ class KVStream:
         if self.max_step <= step and not self.masked:
             return slots, None
         return slots, self.live & (self.step <= step)
+
+    def layer_caches(self, layers: int) -> list[LayerCache]:
+        """Each layer's cache for the next run (empty stores the first time)."""
+        if self.kv is None:
+            self.kv = [(KVStore(self.capacity), None) for _ in range(layers)]
+        return self.kv
 
     def add(self, slots: torch.Tensor, seq: int, step: int, live: torch.Tensor | None) -> None:
         """Tag the keys a run of ``slots`` (of a [rows, seq] grid) at ``step`` appends."""
@@ -160,9 +177,10 @@ class Feed:
         provides it), the new tokens' embedding when decoding."""
         return stage.embed(self.ids) if self.decoding else None
 
-    def stream(self, i: int) -> KVStream:
-        """The decoder's ``i``-th stream, or (training) a fresh one that only keeps tags."""
-        return self.streams[i] if self.decoding else KVStream()
+    def stream(self, i: int, capacity: int = 0) -> KVStream:
+        """The decoder's ``i``-th stream, or (training) a fresh one of ``capacity`` columns per
+        row (it keeps K/V only for the runs that ask, see :meth:`run`)."""
+        return self.streams[i] if self.decoding else KVStream(capacity)
 
     def keys(self, stream: KVStream, q_slots: torch.Tensor, seq: int, step: int,
              q_live: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -184,13 +202,15 @@ class Feed:
 
     def run(self, x: torch.Tensor | None, q_slots: torch.Tensor, seq: int, plan: AttentionPlan,
             stream: KVStream, step: int = 1, live: torch.Tensor | None = None,
-            past: bool = False) -> LayerRun:
+            cached: bool = False) -> LayerRun:
         """The request for a run of ``q_slots`` (a [rows, seq] grid's) at ``step``; tags its keys
-        in ``stream``. ``past``: training's attention to the previous run's K/V (the latent
-        loop); decoding always attends to and extends ``stream``."""
+        in ``stream``. The run attends to and extends ``stream``'s K/V when decoding, and in
+        training when ``cached`` (the latent loop: later steps read this one's K/V)."""
+        past = stream.rows is not None
         stream.add(q_slots, seq, step, live)
-        return LayerRun(x, q_slots, q_slots % seq, plan, past=past or self.decoding,
-                        cache=stream if self.decoding else None)
+        keep = cached or self.decoding
+        return LayerRun(x, q_slots, q_slots % seq, plan, past=keep and past,
+                        cache=stream if keep else None)
 
     def head(self, stage: LlamaStage, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One LM-head call on ``z`` (one row per covered token): the LM loss (0 without labels)
@@ -235,6 +255,11 @@ class LatentStepScheduler:
         h, kv = stage.run_layers(h, positions, plan)
         return h, kv, plan
 
+    def cache_columns(self, seq: int) -> int:
+        """Columns per row of a training micro-batch's K/V cache: every (t, k) slot the latent
+        steps can reach, in the attention backend's widths."""
+        return cache_capacity(self.max_steps * seq, self.stage.attention_backend)
+
     @property
     def cache_across_steps(self) -> bool:
         """Later steps attend to earlier steps' K/V (the latent loop), or not (looped)."""
@@ -255,18 +280,20 @@ class LatentStepScheduler:
     def drive(self, steps: Generator[LayerRun, torch.Tensor, LatentOutput], mb: dict,
               x: torch.Tensor | None = None) -> LatentOutput:
         """Run a step generator to its end on this stage's layers: the one-stage driver of
-        training (:meth:`forward`) and of the decoder. A run's ``past`` K/V is its stream's when
-        it names one (decoding; the stream then keeps the result), else the previous run's."""
-        request, chain = next(steps), None
+        training (:meth:`forward`) and of the decoder. A run that names a stream attends to
+        and extends its K/V."""
+        request = next(steps)
         while True:
             inp = request.x
             if inp is None:  # the token pass: embed here, or what the previous stage sent
                 inp = self.stage.embed(mb["tokens"].reshape(-1)) if self.stage.pre_process else x
             stream = request.cache
-            past = stream.kv if stream is not None else chain if request.past else None
-            h, chain = self.stage.run_layers(inp, request.positions, request.plan, past=past)
+            layers = len(request.layers or self.stage.layers)
+            past = None if stream is None else stream.layer_caches(layers)
+            h, caches = self.stage.run_layers(inp, request.positions, request.plan, past=past,
+                                              layers=request.layers)
             if stream is not None:
-                stream.kv = chain
+                stream.kv = caches
             try:
                 request = steps.send(h)
             except StopIteration as done:
@@ -283,6 +310,8 @@ class LatentStepScheduler:
         the final logits too."""
         feed = Feed(mb, streams, keep_logits)
         method = self.cfg.latent.method
+        if method == "mor":  # a step generator of its own (model/mor.py), whatever N_r
+            return (yield from mor.mor(self.stage, feed, self.cfg))
         if self.max_steps > 1 and method in ("looped", "pondering", "pause", "ponderlm2"):
             extra = {"jacobi": self.cfg.latent.jacobi_iterations} if method == "ponderlm2" else {}
             out = yield from getattr(baselines, method)(self.stage, feed, self.max_steps, **extra)
@@ -293,6 +322,8 @@ class LatentStepScheduler:
     def streams(self) -> int:
         """K/V streams a decoder keeps: one per repeat (looped) or pass (pondering), else one."""
         method = self.cfg.latent.method
+        if method == "mor":  # its first layer, one per recursion, its last layer
+            return self.cfg.mor.num_recursion + 2
         return self.max_steps if method in ("looped", "pondering") else 1
 
     @property
@@ -308,12 +339,13 @@ class LatentStepScheduler:
         n, device = new.numel(), new.device
         labels = mb["labels"].reshape(-1) if feed.labelled else None
         loss_mask = mb["loss_mask"].reshape(-1) if feed.labelled else None
-        stream = feed.stream(0)
+        stream = feed.stream(0, self.cache_columns(feed.seq))
         all_index = torch.arange(n, device=device)
 
         key_slots, key_live = feed.keys(stream, new, seq, 1)
         plan = self.step_plan(mb, new, key_slots, key_live)
-        h = yield feed.run(feed.token_input(stage), new, seq, plan, stream)
+        h = yield feed.run(feed.token_input(stage), new, seq, plan, stream,
+                           cached=self.max_steps > 1)
         if self.max_steps == 1:  # the token pass alone (z^f = z^(1)); token-sharded under SP
             lm_loss, logits = feed.head(stage, stage.final_norm(h))
             return LatentOutput(loss=lm_loss, lm_loss=lm_loss, adaptive_loss=torch.zeros_like(lm_loss),
@@ -375,7 +407,7 @@ class LatentStepScheduler:
                 adaptive_sum = adaptive_sum + (term if live is None else term * live).sum()
             plan = self.step_plan(mb, q_slots, key_slots, key_live)
             h = yield feed.run(h_in.to(h.dtype), q_slots, seq, plan, stream, k + 1, new_live,
-                               past=True)
+                               cached=True)
 
         if sp:  # each rank mixed the tokens it ran: sum, then back to this rank's shard
             from megatron.core.tensor_parallel import (
@@ -478,30 +510,36 @@ class LatentStepScheduler:
             names += ["adaptive_loss", "gate_mean", "gate_std"]
         return names + [f"active_frac_step{k}" for k in range(1, self.max_steps + 1)]
 
-    def _gate_moments(self, out: LatentOutput) -> tuple[float, float]:
-        """Mean and (unbiased) std of every live gate of the micro-batch (0, 0 without any).
+    def _gate_moments(self, out: LatentOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (unbiased) std of every live gate of the micro-batch (0, 0 without any),
+        as float64 device scalars: no host sync here (the loop syncs once per iteration).
         Under SP each TP rank holds its own tokens' gates: count, sum and squared deviations
         are summed over the group, so every rank logs what one process would."""
         gates = [r.gates.double() for r in out.records if r.gates is not None]
         g = torch.cat(gates) if gates else out.steps.new_zeros(0, dtype=torch.float64)
-        count, total = self._tp_reduce(torch.stack([g.new_tensor(g.numel()), g.sum()])).tolist()
-        if count == 0:
-            return 0.0, 0.0
-        mean = total / count
-        squares = self._tp_reduce((g - mean).pow(2).sum()).item()
-        return mean, math.sqrt(squares / (count - 1)) if count > 1 else 0.0
+        count, total = self._tp_reduce(torch.stack([g.new_tensor(g.numel()), g.sum()]))
+        zero = g.new_zeros(())
+        mean = torch.where(count > 0, total / count.clamp(min=1), zero)
+        squares = self._tp_reduce((g - mean).pow(2).sum())
+        std = torch.where(count > 1, (squares / (count - 1).clamp(min=1)).sqrt(), zero)
+        return mean, std
 
-    def stats(self, out: LatentOutput, mb: dict) -> dict[str, float]:
+    def stats(self, out: LatentOutput, mb: dict) -> dict[str, torch.Tensor | float]:
+        """The micro-batch's metrics (:meth:`stat_names`): what the device computed stays a
+        detached 0-d tensor, what the host knows is a float; nothing here syncs with the
+        device (``training.metrics.sum_stats`` reduces a whole iteration with one sync)."""
         m = self.cfg.model
         rows, seq = mb["tokens"].shape
         n = rows * seq
-        s = {"lm_loss": out.lm_loss.item(), "tokens": float(n),
-             "mean_steps": out.steps.float().mean().item()}
+        s: dict[str, torch.Tensor | float] = {
+            "lm_loss": out.lm_loss.detach(), "tokens": float(n),
+            "mean_steps": out.steps.float().mean()}
         if self.cfg.latent.method == "adaptive":
-            s["adaptive_loss"] = out.adaptive_loss.item()
+            s["adaptive_loss"] = out.adaptive_loss.detach()
             s["gate_mean"], s["gate_std"] = self._gate_moments(out)
-        for k in range(1, self.max_steps + 1):
-            live = out.records[k - 1].live if k <= len(out.records) else 0
+        records = out.records[1:-1] if self.cfg.latent.method == "mor" else out.records
+        for k in range(1, self.max_steps + 1):  # (MoR: the recursions, not its first/last layer)
+            live = records[k - 1].live if k <= len(records) else 0
             s[f"active_frac_step{k}"] = live / n
         s["flops"] = float(self.counts(out).train_flops(m, self.stage.vocab_size))
         return s
@@ -509,15 +547,18 @@ class LatentStepScheduler:
     def counts(self, out: LatentOutput) -> StepCounts:
         """What ``out``'s forward ran (the arguments of the FLOPs formulas)."""
         n = out.steps.numel()
+        layers = None if all(r.layers is None for r in out.records) else [
+            self.cfg.model.num_layers if r.layers is None else r.layers for r in out.records]
         return StepCounts(
             [r.tokens for r in out.records], [r.pairs for r in out.records],
             head_tokens=out.head_tokens or n, ptarget_tokens=out.ptarget_tokens,
-            router_tokens=sum(r.tokens for k, r in enumerate(out.records, start=1)
-                              if k < self.max_steps)  # the router runs at every step < K_max
-            if self.cfg.latent.method == "adaptive" else 0)
+            router_tokens=out.router_tokens if out.router_tokens is not None else
+            sum(r.tokens for k, r in enumerate(out.records, start=1)
+                if k < self.max_steps)  # the router runs at every step < K_max
+            if self.cfg.latent.method == "adaptive" else 0, step_layers=layers)
 
     def forward_flops(self, out: LatentOutput) -> float:
         """Forward FLOPs of ``out``'s run (no p_target head): what inference costs."""
         c = self.counts(out)
         return latent_forward_flops(self.cfg.model, self.stage.vocab_size, c.step_tokens,
-                                    c.step_pairs, c.head_tokens, c.router_tokens)
+                                    c.step_pairs, c.head_tokens, c.router_tokens, c.step_layers)

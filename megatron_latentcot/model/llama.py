@@ -30,37 +30,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_latentcot.config import Config, ModelConfig
-from megatron_latentcot.model.attention import AttentionPlan, attention
+from megatron_latentcot.model.attention import AttentionPlan, KVStore, attention, cache_keys
 from megatron_latentcot.model.router import Router
 from megatron_latentcot.parallel import ParallelContext
+from megatron_latentcot.vocab import padded_vocab_size  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from megatron_latentcot.model.latent import KVStream
 
 
+# One layer's cache in a run: its store and the views of the keys/values cached before the run
+# (None: nothing yet). Passed explicitly, so a recomputed block (activation checkpointing) sees
+# the same views as its first forward.
+LayerCache = tuple[KVStore, "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """Half-precision -> float32 for numerically sensitive ops; float32/64 stay as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def padded_vocab_size(cfg: ModelConfig, tokenizer_vocab: int, tp_size: int) -> int:
-    """The embedding rows: ``model.vocab_size`` or the tokenizer's vocab padded like Megatron."""
-    if cfg.predicted_vocab_size is not None and cfg.predicted_vocab_size < tokenizer_vocab:
-        from megatron_latentcot.config import ConfigError
-
-        raise ConfigError(f"model.predicted_vocab_size ({cfg.predicted_vocab_size}) is smaller "
-                          f"than the tokenizer's vocabulary ({tokenizer_vocab}): its last ids "
-                          "could never be predicted")
-    if cfg.vocab_size is not None:
-        if cfg.vocab_size < tokenizer_vocab:
-            from megatron_latentcot.config import ConfigError
-
-            raise ConfigError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the "
-                              f"tokenizer's vocabulary ({tokenizer_vocab})")
-        return cfg.vocab_size
-    multiple = cfg.make_vocab_size_divisible_by * tp_size
-    rows = max(tokenizer_vocab, cfg.predicted_vocab_size or 0)  # an imported model's may be more
-    return int(math.ceil(rows / multiple) * multiple)
 
 
 class RMSNorm(nn.Module):
@@ -251,16 +238,20 @@ class SelfAttention(nn.Module):
                                             input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                plan: AttentionPlan, past: tuple[torch.Tensor, torch.Tensor] | None):
+                plan: AttentionPlan, cache: LayerCache | None):
+        """``cache``: attend to the keys cached so far and add this call's (in place);
+        the returned keys/values are then the cache's views, else this call's packed ones."""
         qkv, _ = self.qkv_proj(x)
         n, d = qkv.shape[0], self.head_dim
         q, k, v = qkv.view(n, -1, d).split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if past is not None:  # earlier latent steps' cache, then this step's keys
-            k, v = torch.cat([past[0], k]), torch.cat([past[1], v])
+        if cache is not None:
+            k_all, v_all = cache_keys(*cache, k, v, plan)
+            if not plan.dense:  # a dense plan's keys are this call's: read them packed
+                k, v = k_all, v_all
         out = attention(q, k, v, plan)
         out, _ = self.o_proj(out.unsqueeze(1))
-        return out, k, v
+        return (out, k, v) if cache is None else (out, k_all, v_all)
 
 
 class MLP(nn.Module):
@@ -289,9 +280,9 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, sp)
         self.mlp = MLP(cfg, mp)
 
-    def forward(self, x, rope, plan, past=None):
-        """Returns the block output and the keys/values so far (``past`` + this call's)."""
-        attn_out, k, v = self.self_attn(self.input_layernorm(x), rope, plan, past)
+    def forward(self, x, rope, plan, cache=None):
+        """Returns the block output and the keys/values (see :meth:`SelfAttention.forward`)."""
+        attn_out, k, v = self.self_attn(self.input_layernorm(x), rope, plan, cache)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -312,16 +303,18 @@ class LayerRun:
 
     ``x`` None means the token pass input: the token embedding on the first stage, else what the
     previous stage sent. ``slots``: the packed token slots the rows stand for (they tell the
-    other pipeline stages which tokens run); ``past``: attend to earlier runs' cached K/V.
-    ``cache`` (decoding): the K/V stream the run attends to and extends, across calls.
+    other pipeline stages which tokens run); ``cache``: the K/V stream the run attends to and
+    extends (the latent loop's steps in training, every run of a decoder); ``past``: the
+    stream already holds earlier runs of this micro-batch (a pipeline carries them over).
     """
 
     x: torch.Tensor | None
     slots: torch.Tensor
     positions: torch.Tensor
     plan: AttentionPlan
-    past: bool
+    past: bool = False
     cache: KVStream | None = None
+    layers: tuple[int, ...] | None = None  # physical layers to run, in order (None: all; MoR)
 
 
 class LlamaStage(nn.Module):
@@ -363,6 +356,11 @@ class LlamaStage(nn.Module):
                 if cfg.latent.method == "pause":  # one learnable embedding per pause slot
                     self.pause_embeddings = nn.Embedding(cfg.latent.max_steps - 1, m.hidden_size)
             ids = stage_layers(m.num_layers, ctx.pp_size, cfg.parallel.pipeline_layers)[ctx.pp_rank]
+            if cfg.latent.method == "mor":  # physical: first, the shared block, last (PP = 1)
+                from megatron_latentcot.model.mor import build_routers, physical_layers
+
+                ids = list(range(physical_layers(cfg)))
+                self.mor_router = build_routers(cfg)  # replicated across TP
             self.layers = nn.ModuleDict({str(i): TransformerBlock(m, mp, ctx.tp_size) for i in ids})
             self.rotary = RotaryEmbedding.from_config(m)
             if self.post_process:
@@ -396,20 +394,25 @@ class LlamaStage(nn.Module):
         return self.pause_embeddings(ids).to(dtype)
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, plan: AttentionPlan,
-                   past: list | None = None) -> tuple[torch.Tensor, list]:
-        """Run this stage's blocks. ``past``: per-layer (keys, values) of earlier latent steps.
+                   past: list | None = None,
+                   layers: tuple[int, ...] | None = None) -> tuple[torch.Tensor, list]:
+        """Run this stage's blocks (``layers``: only these physical ones, in this order; MoR's
+        recursions reuse its shared block). ``past``: one :data:`LayerCache` per layer run
+        (the run attends to and extends it), or None (no cache).
 
-        Returns the output and the per-layer (keys, values) cache including this call's.
+        Returns the output and, with ``past``, the updated caches (else this call's packed
+        per-layer (keys, values)).
         """
         rope = self.rotary(positions, upcast(x).dtype)
         new_kv = []
-        for i, block in enumerate(self.layers.values()):
+        blocks = self.layers.values() if layers is None else [self.layers[str(i)] for i in layers]
+        for i, block in enumerate(blocks):
             layer_past = None if past is None else past[i]
             if self.recompute and torch.is_grad_enabled():
                 x, k, v = checkpoint(block, x, rope, plan, layer_past, use_reentrant=False)
             else:
                 x, k, v = block(x, rope, plan, layer_past)
-            new_kv.append((k, v))
+            new_kv.append((k, v) if layer_past is None else (layer_past[0], (k, v)))
         return x, new_kv
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:

@@ -319,6 +319,19 @@ def load_checkpoint(path: Path, ctx: ParallelContext) -> tuple[dict[str, Any], d
     return payload, manifest
 
 
+def saved_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's config with the fields added since it was saved at their defaults, so a
+    newer version of the code sees no difference where the run's settings did not change (as
+    saved when it no longer parses, e.g. a section since removed)."""
+    from megatron_latentcot.config import ConfigError, config_from_dict
+
+    saved = manifest.get("config", {})
+    try:
+        return config_from_dict(saved).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
 def config_diff(saved: dict[str, Any], current: dict[str, Any],
                 sections: tuple[str, ...] | None = None,
                 ignore: tuple[str, ...] = ()) -> list[str]:

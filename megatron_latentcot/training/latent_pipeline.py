@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_latentcot.model.latent import LatentOutput, LatentStepScheduler
+from megatron_latentcot.model.latent import KVStream, LatentOutput, LatentStepScheduler
 from megatron_latentcot.model.llama import LayerRun
 from megatron_latentcot.parallel import ParallelContext
 from megatron_latentcot.training import schedules
@@ -85,6 +85,7 @@ class _MicroBatch:
     units: dict[int, _Unit] = field(default_factory=dict)
     done: bool = False
     key_slots: torch.Tensor | None = None  # every slot run so far (stages before the last)
+    stream: KVStream | None = None  # its K/V stores (stages before the last)
     steps: object = None  # the method's step generator (last stage)
     request: LayerRun | None = None  # its pending request (last stage)
     out: LatentOutput | None = None  # the losses (last stage)
@@ -161,28 +162,38 @@ def _forward_unit(scheduler: LatentStepScheduler, links: _Links, ctx: ParallelCo
         slots, x = links.recv_run()
         if slots is None:  # m finished after step k - 1: tell the stages after this one
             st.done = True
+            if not grad:
+                st.units, st.stream = {}, None
             if not last:
                 links.send_run(None, None)
             return
         x.requires_grad_(grad)
     if last:
         request = next(st.steps) if k == 1 else st.request
-        plan, positions, past = request.plan, request.positions, request.past
+        plan, positions, past, stream = request.plan, request.positions, request.past, request.cache
     else:
         seq = tokens.shape[1]
         positions = torch.arange(seq, device=tokens.device).repeat(tokens.shape[0])[slots]
         past = k > 1 and scheduler.cache_across_steps
         st.key_slots = torch.cat([st.key_slots, slots]) if past else slots  # the cache after this run
         plan = scheduler.step_plan(mb, slots, st.key_slots if past else None)
-    past_leaves = []
-    if past:
-        past_leaves = [c.detach().requires_grad_(grad) for c in st.units[k - 1].cache]
+        if k == 1 and scheduler.cache_across_steps and scheduler.max_steps > 1:
+            st.stream = KVStream(scheduler.cache_columns(seq))
+        stream = st.stream
+    past_leaves, caches = [], None
+    if stream is not None:  # the stores are shared; the views of earlier keys enter as leaves
+        stores = [store for store, _ in stream.layer_caches(len(stage.layers))]
+        if past:
+            past_leaves = [c.detach().requires_grad_(grad) for c in st.units[k - 1].cache]
+        caches = list(zip(stores, _pairs(past_leaves) if past else [None] * len(stores)))
     inp = stage.embed(tokens.reshape(-1)) if x is None else x
-    h, kv = stage.run_layers(inp, positions, plan, past=_pairs(past_leaves) if past else None)
-    unit = _Unit(x, h, _flat(kv), past_leaves)
+    h, kv = stage.run_layers(inp, positions, plan, past=caches)
+    unit = _Unit(x, h, _flat([views for _, views in kv]) if caches else [], past_leaves)
     st.units[k] = unit
     if not grad:  # evaluation: only the cache the next step reads is kept
         st.units.pop(k - 1, None)
+        if k == scheduler.max_steps:
+            st.stream = None
     if not last:
         links.send_run(slots, h)
         return
@@ -228,6 +239,7 @@ def _backward_unit(links: _Links, ctx: ParallelContext, st: _MicroBatch, k: int)
     st.units.pop(k + 1, None)  # its cache leaves were the last thing holding it
     if k == 1:
         st.units.clear()
+        st.stream = None  # the K/V stores: nothing reads them any more
     else:  # only ``past`` is still needed: its gradients go to step k - 1's backward
         unit.x = unit.out = unit.fed = unit.wrap = None
         unit.cache = []

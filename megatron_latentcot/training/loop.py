@@ -32,6 +32,7 @@ from megatron_latentcot.model.llama import LlamaStage, init_weights, padded_voca
 from megatron_latentcot.parallel import LaunchError, ParallelContext, init_distributed
 from megatron_latentcot.training import checkpoint as ckpt
 from megatron_latentcot.training import latent_pipeline
+from megatron_latentcot.training.deepspeed_zero import DeepSpeedOptimizer, resume_refusal
 from megatron_latentcot.training.faults import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -47,6 +48,8 @@ from megatron_latentcot.training.metrics import (
     format_header,
     format_line,
     format_summary,
+    mean_stats,
+    sum_stats,
 )
 from megatron_latentcot.training.optimizer import Optimizer, no_weight_decay
 from megatron_latentcot.training.pipeline import forward_backward
@@ -75,7 +78,8 @@ class Engine:
         torch.manual_seed(cfg.train.seed)
         self.model = LlamaStage(cfg, ctx, vocab)
         init_weights(self.model, cfg.model, cfg.train.seed)
-        self.optimizer = Optimizer(self.model, cfg, ctx)
+        self.optimizer = (DeepSpeedOptimizer(self.model, cfg, ctx) if cfg.parallel.zero == "deepspeed"
+                          else Optimizer(self.model, cfg, ctx))
         self.scheduler = LatentStepScheduler(self.model, cfg)
         self.state = TrainState()
         coords = f" (tp {ctx.tp_rank}, pp {ctx.pp_rank}, dp {ctx.dp_rank})" if ctx.world_size > 1 else ""
@@ -100,6 +104,8 @@ class Engine:
         mbs = [_to_device(mb, self.ctx.device) for mb in microbatches]
         self.optimizer.prefetch_params()  # FSDP2 all-gathers overlap the first forward
         schedule = self.cfg.parallel.pipeline_schedule
+        if isinstance(self.optimizer, DeepSpeedOptimizer) and not forward_only:  # PP = 1
+            return self.optimizer.forward_backward(stage_forward, mbs)
         if self.ctx.pp_size > 1 and self.scheduler.max_steps > 1:  # steps loop through stages
             return latent_pipeline.forward_backward(
                 self.scheduler, mbs, self.ctx, torch.float32,
@@ -142,19 +148,14 @@ class Engine:
         total). Computed on the last stage, then broadcast over the pipeline.
         """
         keys = self.scheduler.stat_names()
-        values = torch.zeros(len(keys) + 1, dtype=torch.float64, device=self.ctx.device)
+        values = sum_stats(stats, keys, self.ctx.device)  # device-side: no sync yet
         if stats and stats[0]:
-            values[:-1] = torch.tensor([sum(s[k] for s in stats) for k in keys],
-                                       dtype=torch.float64)
-            values[-1] = len(stats)
             if self.ctx.dp_size > 1:
                 dist.all_reduce(values, group=self.ctx.dp_group)
         if self.ctx.pp_size > 1:  # only the last stage has stats
             dist.broadcast(values, self.ctx.stage_rank(self.ctx.pp_size - 1),
                            group=self.ctx.pp_group)
-        count = values[-1].clamp(min=1)
-        return {k: (values[i] if k == "flops" else values[i] / count).item()
-                for i, k in enumerate(keys)}
+        return mean_stats(values, keys, summed=("flops",))  # the iteration's one host sync
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[dict]) -> float:
@@ -197,6 +198,8 @@ class Trainer:
             elif tr.init_from:  # a new run from pretrained weights (training/init_from.py)
                 with self.engine.guard.phase("train.init_from load"):
                     self._init_from(tr.init_from)
+                    if isinstance(self.engine.optimizer, DeepSpeedOptimizer):
+                        self.engine.optimizer.refresh_master_weights()
         except BaseException:
             self._release()
             raise
@@ -262,7 +265,7 @@ class Trainer:
         assert tr.save
         self.save_attempted = self.state.iteration
         payload = {"model": self.engine.model.state_dict(),
-                   "optimizer": self.engine.optimizer.optimizer.state_dict(),
+                   "optimizer": self.engine.optimizer.state_dict(),
                    "rng": ckpt.rng_state(), "state": dataclasses.asdict(self.state)}
         manifest = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.fingerprint,
                     "vocab_size": self.engine.vocab, "consumed_tokens": self.state.consumed_tokens,
@@ -339,7 +342,7 @@ class Trainer:
         if loads_save or not found:
             return tr.load
         try:
-            saved = ckpt.read_manifest(found[-1]).get("config", {})
+            saved = ckpt.saved_config(ckpt.read_manifest(found[-1]))
         except ckpt.CheckpointError:
             saved = {}
         diff = ckpt.config_diff(saved, self.cfg.to_dict(),
@@ -397,6 +400,10 @@ class Trainer:
                 manifest = ckpt.read_manifest(path)
                 self._check_compatible(path, manifest)
                 files = reshard.RankFiles(path, manifest)
+                refusal = resume_refusal(manifest.get("config", {}), self.cfg,
+                                         self._same_layout(manifest, files))
+                if refusal:
+                    raise ckpt.CheckpointError(f"{path}: {refusal}")
                 if self._same_layout(manifest, files):
                     payload, _ = ckpt.load_checkpoint(path, self.ctx)
                 else:  # every rank checksums its share of the files; all read them after
@@ -427,7 +434,10 @@ class Trainer:
         error = None
         try:  # a rank that cannot take its share must not leave the others waiting
             ckpt.restore_model(self.engine.model, payload["model"])
-            ckpt.restore_optimizer(self.engine.optimizer.optimizer, payload["optimizer"])
+            if isinstance(self.engine.optimizer, DeepSpeedOptimizer):
+                self.engine.optimizer.load_state_dict(payload["optimizer"])
+            else:
+                ckpt.restore_optimizer(self.engine.optimizer.optimizer, payload["optimizer"])
             self.engine.state = TrainState(**payload["state"])
         except ckpt.CheckpointError as e:
             error = f"{path}: {e}"
@@ -487,7 +497,7 @@ class Trainer:
         """The same tokenizer, model shape (vocabulary rows included) and method."""
         if manifest.get("tokenizer") != self.tokenizer.fingerprint:
             raise ckpt.CheckpointError(f"{path}: saved with a different tokenizer")
-        saved, now = manifest.get("config", {}), self.cfg.to_dict()
+        saved, now = ckpt.saved_config(manifest), self.cfg.to_dict()
         padding = ("model.vocab_size", "model.make_vocab_size_divisible_by")  # compared as rows
         diff = ckpt.config_diff(saved, now, sections=("model",), ignore=padding) + [
             d for d in ckpt.config_diff(saved, now, sections=("latent",))

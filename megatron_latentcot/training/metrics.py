@@ -156,6 +156,44 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto ``device`` without a host sync (CUDA: a pinned, non-blocking copy;
+    a pageable one would synchronize the stream)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def sum_stats(stats: list[dict[str, torch.Tensor | float]], keys: list[str],
+              device: torch.device) -> torch.Tensor:
+    """Per-key sums over micro-batches plus their count: float64 ``[len(keys) + 1]`` on
+    ``device``, with no host sync: device scalars are added on the device, host floats in
+    Python, each in micro-batch order from 0 (as ``sum`` does), so the sums are bit-identical
+    to summing the values read back one by one."""
+    if not stats or not stats[0]:  # a stage without the loss: no stats, count 0
+        return _to_device(torch.zeros(len(keys) + 1, dtype=torch.float64), device)
+    on_device = [k for k in keys if isinstance(stats[0][k], torch.Tensor)]
+    host = _to_device(torch.tensor([0.0 if k in on_device else sum(s[k] for s in stats)
+                                    for k in keys] + [len(stats)], dtype=torch.float64), device)
+    if not on_device:
+        return host
+    acc = torch.zeros(len(on_device), dtype=torch.float64, device=device)  # sum()'s start
+    for s in stats:
+        acc = acc + torch.stack([torch.as_tensor(s[k], device=device).double()
+                                 for k in on_device])
+    slot = {k: j for j, k in enumerate(on_device)}
+    return torch.stack([acc[slot[k]] if k in slot else host[i] for i, k in enumerate(keys)]
+                       + [host[-1]])
+
+
+def mean_stats(values: torch.Tensor, keys: list[str], summed: tuple[str, ...] = ("flops",)
+               ) -> dict[str, float]:
+    """:func:`sum_stats`' vector (reduced over ranks) -> per-key means over micro-batches
+    (``summed`` keys stay totals), read back to the host in one sync."""
+    totals, means = torch.stack([values[:-1], values[:-1] / values[-1].clamp(min=1)]).tolist()
+    return {k: totals[i] if k in summed else means[i] for i, k in enumerate(keys)}
+
+
 def keep_rows_until(path: Path, iteration: int) -> None:
     """Rewrite ``path`` (atomically) without its rows past ``iteration`` and without lines cut
     by a kill; untouched when there is nothing to drop."""

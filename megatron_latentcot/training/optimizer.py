@@ -3,7 +3,8 @@ and a global gradient-norm clip that is correct under TP x PP x DP.
 
 Why FSDP2: the latent loop reuses every block K times per forward and the pipeline runs one
 backward call per (stage, step); FSDP2 was measured exact under both (see DESIGN.md), where
-DeepSpeed ZeRO and megatron's DistributedOptimizer have silent-wrong modes there.
+DeepSpeed ZeRO and megatron's DistributedOptimizer have silent-wrong modes there (DeepSpeed
+ZeRO-1/2 is offered at PP = 1 only, where it is exact: ``deepspeed_zero.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from megatron_latentcot.config import Config, ConfigError
+from megatron_latentcot.model.mor import MoRRouter
 from megatron_latentcot.model.router import Router
 from megatron_latentcot.parallel import ParallelContext, data_parallel_mesh
 from megatron_latentcot.training import fsdp_internals
@@ -39,12 +41,13 @@ def mixed_precision(unit: nn.Module, precision: str) -> MixedPrecisionPolicy:
     gradients accumulated and reduce-scattered in fp32, over fp32 master shards (Megatron's
     ``--bf16``); fp32 runs keep FSDP2's default (no casts).
 
-    The router stays fp32 (routing precision). FSDP never casts forward inputs: the residual
-    stream and the latent mixing stay fp32 as without FSDP (the TP linears cast their own
-    operands, ``llama._AutocastCast``); the embeddings' outputs return to fp32 for the same
-    reason. Unlike the unsharded bf16 path, norm weights are then bf16-rounded.
+    The routers (adaptive's, MoR's) stay fp32 (routing precision). FSDP never casts forward
+    inputs: the residual stream and the latent mixing stay fp32 as without FSDP (the TP
+    linears cast their own operands, ``llama._AutocastCast``); the embeddings' outputs return
+    to fp32 for the same reason. Unlike the unsharded bf16 path, norm weights are then
+    bf16-rounded.
     """
-    if precision != "bf16" or isinstance(unit, Router):
+    if precision != "bf16" or isinstance(unit, (Router, MoRRouter)):
         return MixedPrecisionPolicy()
     embedding = isinstance(unit, (nn.Embedding, VocabParallelEmbedding))
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
@@ -209,6 +212,10 @@ class Optimizer:
         self.optimizer.step()
         self.zero_grad()
         return norm, True
+
+    def state_dict(self) -> dict:
+        """What a checkpoint saves of the optimizer (AdamW's own state dict)."""
+        return self.optimizer.state_dict()
 
     def local_state_numel(self) -> int:
         """Elements of optimizer state held by this rank (ZeRO shards it ~1/DP)."""

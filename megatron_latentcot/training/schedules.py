@@ -202,14 +202,17 @@ def live_units(schedule: str, pp: int, steps: int, micro: int, stage: int) -> li
 
 
 def peak_live(schedule: str, pp: int, steps: int, micro: int, stage: int,
-              unit_cost: list[float] | None = None) -> tuple[float, int]:
+              unit_cost: list[float] | None = None,
+              micro_cost: float = 0.0) -> tuple[float, int]:
     """(Peak summed cost of the live units, the most micro-batches with a live unit) on
-    ``stage``; ``unit_cost[k - 1]``: the cost of a step-k unit (default 1 per unit)."""
+    ``stage``; ``unit_cost[k - 1]``: the cost of a step-k unit (default 1 per unit);
+    ``micro_cost``: what a micro-batch holds while any unit of it is live."""
     cost = unit_cost or [1.0] * steps
     best, most = 0.0, 0
     for units in live_units(schedule, pp, steps, micro, stage):
-        best = max(best, sum(cost[k - 1] for _, k in units))
-        most = max(most, len({m for m, _ in units}))
+        alive = len({m for m, _ in units})
+        best = max(best, sum(cost[k - 1] for _, k in units) + micro_cost * alive)
+        most = max(most, alive)
     return best, most
 
 

@@ -16,7 +16,7 @@ A *slot* is a tuple identifying one executed position: ``(b, t)`` for a plain ca
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +186,7 @@ def run_layers(
     pos_of: Callable[[Slot], int],
     visible: Callable[[Slot, Slot], bool],
     history: list[dict[Slot, torch.Tensor]],
+    layers: Sequence[int] | None = None,
 ) -> dict[Slot, torch.Tensor]:
     """Run the whole layer stack for the slots in ``new_inputs`` (one 'wave' executed together).
 
@@ -195,9 +196,10 @@ def run_layers(
     ``history[l]`` with ``visible(s, s2)``. Pre-norm blocks:
     h = h + o_proj(attn(input_layernorm(h))); h = h + mlp(post_attention_layernorm(h)).
     Returns each new slot's last-layer output (raw residual stream, no final norm).
+    ``layers``: only these layer indices, in this order (default all; MoR's shared block).
     """
     x = dict(new_inputs)
-    for layer in range(cfg.num_layers):
+    for layer in range(cfg.num_layers) if layers is None else layers:
         pre = f"layers.{layer}."
         ln1, ln2 = (
             params[pre + "input_layernorm.weight"],
@@ -225,7 +227,11 @@ def run_layers(
 
 
 def causal_forward(
-    params: Params, cfg: RefConfig, inputs: torch.Tensor, doc_ids: torch.Tensor | None
+    params: Params,
+    cfg: RefConfig,
+    inputs: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    layers: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Plain causal stack over inputs [B, N, H] -> last-layer output [B, N, H] (no final norm).
 
@@ -240,7 +246,7 @@ def causal_forward(
 
     history: list[dict[Slot, torch.Tensor]] = [{} for _ in range(cfg.num_layers)]
     new = {(b, t): inputs[b, t] for b in range(b_sz) for t in range(n)}
-    out = run_layers(params, cfg, new, lambda s: s[1], visible, history)
+    out = run_layers(params, cfg, new, lambda s: s[1], visible, history, layers)
     return torch.stack([torch.stack([out[(b, t)] for t in range(n)]) for b in range(b_sz)])
 
 
@@ -611,6 +617,165 @@ def latent_fixed(
 ) -> dict[str, torch.Tensor]:
     """METHOD.md 'latent-fixed': the scheduler without router/pruning; z^f = z^(K); loss = L_LM."""
     return _latent(params, cfg, tokens, labels, loss_mask, doc_ids, use_router=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture-of-Recursions (docs/baselines_ponderlm2_mor.md 2, 3.3)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MoRRef:
+    """MoR's hyper-parameters. The params hold ``2 + D`` layers (``cfg.num_layers``): layer 0
+    (first), 1..D (the shared block), D+1 (last), and ``mor_router.weight`` [N_r, H] (expert:
+    row r is recursion r's Linear(H, 1); token: the Linear(H, N_r))."""
+
+    num_recursion: int
+    router: str  # "expert" | "token"
+    capacity: tuple[float, ...]  # expert c_r
+    alpha: float
+    aux_coeff: float = 0.001
+    bal_coeff: float = 0.1
+    z_coeff: float = 1e-5
+    combine: str = "weighted"  # or "replace": h <- F(h)
+    selection: str = "topk"  # expert: or "threshold": a candidate continues iff sigmoid(a) >= 0.5
+
+
+def _mor_block(
+    params: Params,
+    cfg: RefConfig,
+    x: dict[tuple[int, int], torch.Tensor],
+    doc_ids: torch.Tensor | None,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """One recursion of the shared block over exactly the tokens in ``x`` ((b, t) -> h): fresh
+    K/V (recursion-wise caching), so a token sees the earlier-or-equal positions of its row (and
+    document) that are in ``x`` and nothing else."""
+
+    def visible(s: Slot, s2: Slot) -> bool:
+        same_doc = doc_ids is None or bool(doc_ids[s[0], s2[1]] == doc_ids[s[0], s[1]])
+        return s2[0] == s[0] and s2[1] <= s[1] and same_doc
+
+    history: list[dict[Slot, torch.Tensor]] = [{} for _ in range(cfg.num_layers)]
+    block = range(1, cfg.num_layers - 1)
+    return run_layers(params, cfg, dict(x), lambda s: s[1], visible, history, block)
+
+
+def mor(
+    params: Params,
+    cfg: RefConfig,
+    spec: MoRRef,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+) -> dict:
+    """MoR's training forward, literally (2.1-2.4): first layer causal on all tokens; then
+
+    expert: for r = 1..N_r, a = h . w_r on the raw residual of each candidate (all tokens at
+    r = 1, else the previous selection), g = alpha sigmoid(a); per row the k_r =
+    max(1, floor(c_r T)) largest g (equal g: the earlier position first) are selected; the
+    block runs on them (among themselves); h <- h + g F(h) for them. BCE(a, selected) averaged
+    over all candidates of the batch, summed over r, x aux_coeff.
+
+    token: p = softmax(h W^T) per token, d = first argmax (0-based: d + 1 recursions),
+    w = alpha p[d]; recursion r runs {d >= r} on the running x (F applied, ungated);
+    out = h0 + w x. Balancing sum_r mean_t(p_r) * N_r * frac(d = r), z-loss
+    mean (logsumexp)^2.
+
+    Then the last layer causal on all, final norm, head, masked CE; loss = CE + router loss.
+    Returns logits, lm_loss, router_loss, loss, ``selected`` (a list per recursion of the sorted
+    (b, t) that ran it) and ``steps`` [B, T] (recursions run).
+    """
+    b_sz, n = tokens.shape
+    last = cfg.num_layers - 1
+    h0 = causal_forward(params, cfg, _embed_all(params, cfg, tokens), doc_ids, [0])
+    h = {(b, t): h0[b, t] for b in range(b_sz) for t in range(n)}
+    w_router = params["mor_router.weight"]
+    selected: list[list[tuple[int, int]]] = []
+    router_loss = torch.zeros((), dtype=DT)
+    if spec.router == "expert":
+        candidates = {b: list(range(n)) for b in range(b_sz)}
+        for r in range(spec.num_recursion):
+            k_r = max(1, math.floor(spec.capacity[r] * n))
+            bce, count = torch.zeros((), dtype=DT), 0
+            gate: dict[tuple[int, int], torch.Tensor] = {}
+            chosen: list[tuple[int, int]] = []
+            for b in range(b_sz):
+                logit = {t: h[(b, t)] @ w_router[r] for t in candidates[b]}
+                for t in candidates[b]:
+                    gate[(b, t)] = spec.alpha * torch.sigmoid(logit[t])
+                ranked = sorted(candidates[b], key=lambda t: (-float(gate[(b, t)].detach()), t))
+                keep = sorted(ranked[:k_r])
+                if spec.selection == "threshold":
+                    keep = [t for t in candidates[b] if float(torch.sigmoid(logit[t].detach())) >= 0.5]
+                for t in candidates[b]:
+                    y = 1.0 if t in keep else 0.0
+                    # BCE with logits: log(1 + e^a) - y a
+                    bce = bce + F.softplus(logit[t]) - y * logit[t]
+                    count += 1
+                chosen += [(b, t) for t in keep]
+                candidates[b] = keep
+            router_loss = router_loss + bce / count
+            out = _mor_block(params, cfg, {s: h[s] for s in chosen}, doc_ids)
+            for s in chosen:
+                h[s] = out[s] if spec.combine == "replace" else h[s] + gate[s] * out[s]
+            selected.append(chosen)
+        router_loss = spec.aux_coeff * router_loss
+    else:
+        nr = spec.num_recursion
+        probs, depth = {}, {}
+        lse_sq = torch.zeros((), dtype=DT)
+        for s, hs in h.items():
+            logits_s = w_router @ hs
+            probs[s] = torch.softmax(logits_s, dim=0)
+            depth[s] = int(torch.argmax(probs[s].detach()))
+            lse_sq = lse_sq + torch.logsumexp(logits_s, dim=0) ** 2
+        x = dict(h)
+        for r in range(nr):
+            chosen = sorted(s for s in x if depth[s] >= r)
+            if not chosen:
+                break
+            out = _mor_block(params, cfg, {s: x[s] for s in chosen}, doc_ids)
+            for s in chosen:
+                x[s] = out[s]
+            selected.append(chosen)
+        for s in h:
+            w = spec.alpha * probs[s][depth[s]]
+            h[s] = x[s] if spec.combine == "replace" else h[s] + w * x[s]
+        tokens_n = len(h)
+        balance = torch.zeros((), dtype=DT)
+        for r in range(nr):
+            p_mean = sum(probs[s][r] for s in probs) / tokens_n
+            f_r = nr * sum(1 for s in depth if depth[s] == r) / tokens_n
+            balance = balance + p_mean * f_r
+        router_loss = spec.bal_coeff * balance + spec.z_coeff * lse_sq / tokens_n
+    hs = torch.stack([torch.stack([h[(b, t)] for t in range(n)]) for b in range(b_sz)])
+    h_out = causal_forward(params, cfg, hs, doc_ids, [last])
+    out = _normed_head(params, cfg, final_norm(params, cfg, h_out), labels, loss_mask)
+    out["router_loss"] = router_loss
+    out["loss"] = out["lm_loss"] + router_loss
+    out["selected"] = selected
+    out["steps"] = torch.tensor([[sum((b, t) in sel for sel in selected) for t in range(n)]
+                                 for b in range(b_sz)])
+    return out
+
+
+def mor_looped(
+    params: Params,
+    cfg: RefConfig,
+    num_recursion: int,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """A middle-cycle looped model: first layer, the block (layers 1..D) applied N_r times as
+    independent causal passes over every token, last layer; final norm, head, CE."""
+    h = causal_forward(params, cfg, _embed_all(params, cfg, tokens), doc_ids, [0])
+    for _ in range(num_recursion):
+        h = causal_forward(params, cfg, h, doc_ids, range(1, cfg.num_layers - 1))
+    h = causal_forward(params, cfg, h, doc_ids, [cfg.num_layers - 1])
+    return _normed_head(params, cfg, final_norm(params, cfg, h), labels, loss_mask)
 
 
 METHODS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
