@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Small-scale reproduction study (issue #11), one command, resumable:
 #   every method (vanilla x2 seeds, adaptive x2 seeds + one more tau + one more lambda, looped
-#   K=2 and K=4, pause, pondering, PonderLM-2 (K=2, J=3), a vanilla deepened to adaptive's training FLOPs, a vanilla
-#   with the latent methods' embedding scale) trained on the default corpus with the same
+#   K=2 and K=4, pause, pondering, PonderLM-2 (K=2, J=3), MoR (expert-choice, N_r=2), a vanilla
+#   deepened to adaptive's training FLOPs, a vanilla with the latent methods' embedding scale)
+#   trained on the default corpus with the same
 #   tokens, then evaluated (validation + Moby Dick held-out perplexity, steps, FLOPs, per-token
 #   readouts) and analysed (steps vs difficulty, the paper's Figure 2 shape).
 #

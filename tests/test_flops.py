@@ -542,3 +542,89 @@ def test_planner_uses_the_same_peak_table():
         p = plan.make_plan(cfg, plan.make_layout(cfg), VOCAB, gpu=gpu, mfu=0.5)
         tokens = cfg.train.global_batch_size * SEQ
         assert p.time_per_iter_s == pytest.approx(p.flops_per_token * tokens / (peak * 1e12 * 0.5))
+
+
+def test_analytic_mor_row_equals_scheduler_and_planner(ctx, tmp_path):
+    """The compare tool's MoR row (expert-choice, N_r = 3, capacities (1, 2/3, 1/3)) on a
+    5-layer model (one shared layer): training FLOPs == the scheduler's own count, parameters and
+    passes == the planner's; its inference by hand."""
+    from megatron_latentcot import plan as P
+    from megatron_latentcot.cli.compare_flops import main
+    from megatron_latentcot.config import load_config
+
+    five = ["model.num_layers=5"]
+    yaml = tmp_path / "tiny_mor_flops.yaml"
+    yaml.write_text(load_config(None, BASE + five).to_yaml())
+    assert main(["--analytic", "--config", str(yaml), "--steps-dist", "0,0,0,1", "--tokens",
+                 "1000", "--out-dir", str(tmp_path)]) == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "flops_table.json").read_text())["rows"]}
+    row = rows["mor expert N_r=3"]
+    mor = ["latent.method=mor", "latent.max_steps=3", "mor.num_recursion=3"]
+    cfg, _, sched = build(ctx, five + mor)
+    mb = batch(rows=2)
+    with torch.no_grad():
+        stats = sched.stats(sched.forward(mb), mb)
+    assert math.isclose(row["train_flops_per_token"], stats["flops"] / (2 * SEQ), rel_tol=1e-12)
+    assert row["train_flops_per_token"] == P.flops_counts(cfg).train_flops(cfg.model, VOCAB) / SEQ
+    assert row["params"] == P.total_params(cfg, VOCAB) < rows["vanilla"]["params"]  # 3 of 5 layers
+    # layers run per token: 2 + 1 x (12 + 8 + 4) / 12 of the 3 physical ones
+    assert row["passes"] == P.passes_per_token(cfg) == pytest.approx((2 + 24 / 12) / 3)
+    d, c = 32, SEQ // 2
+    layer = 2 * (d * (32 + 2 * 16) + 32 * d + 3 * d * 48)
+    attn = 4 * 4 * 8
+    a = [1, 8 / 12, 4 / 12]  # share of tokens in recursion r, its cache: 1 + c a_r keys
+    want = (2 * (layer + attn * (c + 1)) + sum(ar * (layer + attn * (1 + c * ar)) for ar in a)
+            + 2 * d * (1 + 1 + 8 / 12) + 2 * d * VOCAB)  # router r on its candidates; LM head
+    assert row["inference_flops_per_token"] == pytest.approx(want, rel=1e-12)
+    assert "mor expert N_r=3" not in json.dumps(  # too shallow (2 layers): no MoR row
+        _analytic_rows_of(tmp_path / "two", _tiny_yaml(tmp_path)))
+
+
+def _analytic_rows_of(out: Path, yaml: Path) -> list[dict[str, Any]]:
+    from megatron_latentcot.cli.compare_flops import main
+
+    assert main(["--analytic", "--config", str(yaml), "--steps-dist", "0,0,0,1", "--tokens", "1",
+                 "--out-dir", str(out)]) == 0
+    return json.loads((out / "flops_table.json").read_text())["rows"]
+
+
+@pytest.mark.parametrize("name", ["410m_mor", "1.4b_mor", "7b_mor"])
+def test_mor_presets_rows_equal_the_planner_of_their_configs(name):
+    """The committed table's MoR rows are what plan.py counts for examples/configs/*_mor.yaml."""
+    from megatron_latentcot import plan as P
+    from megatron_latentcot.analysis.compare import PRESETS
+    from megatron_latentcot.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "examples/configs" /
+                          f"{name}.yaml"), [])
+    setup = {"410m_mor": "410M", "1.4b_mor": "1.4B", "7b_mor": "7B"}[name]
+    table = Path(__file__).resolve().parents[1] / "benchmarks/results/flops_table.json"
+    row = next(r for r in json.loads(table.read_text())["rows"]
+               if r["setup"] == setup and r["method"] == "mor")
+    vocab = cfg.model.vocab_size
+    assert PRESETS[setup]["seq"] == cfg.data.seq_length and row["K"] == cfg.mor.num_recursion
+    assert row["params"] == P.total_params(cfg, vocab)
+    assert row["train_flops_per_token"] == pytest.approx(
+        P.flops_counts(cfg).train_flops(cfg.model, vocab) / cfg.data.seq_length, rel=1e-12)
+    assert row["passes"] == pytest.approx(P.passes_per_token(cfg), rel=1e-12)
+
+
+def test_mor_passes_and_inference_need_expert_capacities():
+    """Token-choice depths are the router's: passes and decoding cost raise; expert-choice with
+    capacity 1 everywhere is a middle-cycle looped model (every token through every layer)."""
+    from megatron_latentcot import flops
+    from megatron_latentcot.config import ModelConfig
+
+    m = ModelConfig(hidden_size=32, num_layers=5, num_attention_heads=4, num_query_groups=2,
+                    ffn_hidden_size=48)
+    with pytest.raises(ValueError, match="token-choice"):
+        flops.passes_per_token("mor", 3, seq=SEQ, base_depth=1)
+    with pytest.raises(ValueError, match="token-choice"):
+        flops.inference_flops_per_token(m, VOCAB, "mor", SEQ, 3, [0.2, 0.3, 0.5], base_depth=1)
+    with pytest.raises(ValueError, match="base_depth"):
+        flops.passes_per_token("mor", 3, capacity=[1, 1, 1])
+    assert flops.passes_per_token("mor", 3, seq=SEQ, base_depth=1, capacity=[1, 1, 1]) == 5 / 3
+    full = flops.inference_flops_per_token(m, VOCAB, "mor", SEQ, 3, base_depth=1,
+                                           capacity=[1, 1, 1])
+    looped5 = flops.inference_flops_per_token(m, VOCAB, "vanilla", SEQ, 1)
+    assert full == looped5 + flops.router_flops(m, 3)  # 5 layers over a full cache + 3 routers

@@ -153,6 +153,32 @@ def test_step_readouts_agree_with_the_training_forward(method):
     np.testing.assert_allclose(round_trip.p_target, ro.p_target, rtol=2e-3, equal_nan=True)
 
 
+def test_mor_readouts_are_its_prediction_at_its_depth():
+    """MoR's one readout (the prediction) sits at the depth its router chose; the study's
+    4 layers with N_r = 2 route exactly floor(T / 2) tokens of each row through recursion 2."""
+    import torch
+
+    from megatron_latentcot.analysis.study import final_readouts
+    from megatron_latentcot.inference.decoder import training_forward
+    from tests.inference_utils import reference_model
+
+    vocab = 64
+    model = reference_model(["model.num_layers=4", "latent.method=mor", "latent.max_steps=2",
+                             "mor.num_recursion=2"], vocab, dtype=torch.float64)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, vocab, (5, 16))
+    y = np.concatenate([x[:, 1:], rng.integers(0, vocab, (5, 1))], axis=1)
+    ro = final_readouts(model, x, y, batch_rows=2)
+    tf = training_forward(model.scheduler, torch.as_tensor(x), torch.as_tensor(y))
+    ref = -torch.log_softmax(tf.logits, -1).gather(-1, torch.as_tensor(y)[..., None])[..., 0]
+    np.testing.assert_allclose(ro.nll, ref.numpy(), rtol=1e-9, atol=1e-9)
+    assert ((ro.steps == 2).sum(axis=1) == 8).all() and ro.steps.min() == 1
+    assert ro.p_target.shape == (5, 16, 2)
+    at_depth = np.arange(2)[None, None, :] == ro.steps[..., None] - 1
+    np.testing.assert_array_equal(np.isfinite(ro.p_target), at_depth)
+    np.testing.assert_allclose(ro.p_target[at_depth], np.exp(-ro.nll).ravel(), rtol=1e-12)
+
+
 # -- the recorded study ------------------------------------------------------------------------
 
 def _recorded() -> dict:
@@ -193,7 +219,7 @@ def test_plan_same_tokens_and_seed_policy():
 
     plan = study_plan(160, "d", "r", deep_layers=12)
     by = {s.name: s for s in plan}
-    assert len(by) == len(plan) == 14
+    assert len(by) == len(plan) == 15
     shared = ("train.train_iters", "data.seq_length", "train.global_batch_size",
               "data.data_path", "model.hidden_size")
     for s in plan:
@@ -210,6 +236,10 @@ def test_plan_same_tokens_and_seed_policy():
     assert by["looped_k2"].overrides["latent.max_steps"] == 2
     assert (by["ponderlm2"].overrides["latent.max_steps"],
             by["ponderlm2"].overrides["latent.jacobi_iterations"]) == (2, 3)  # the authors' K, J
+    # MoR on the study's 4 layers: N_r = 2 (a shared block of 1), expert-choice, default capacities
+    assert (by["mor"].overrides["latent.max_steps"], by["mor"].overrides["mor.num_recursion"],
+            by["mor"].overrides["mor.router"]) == (2, 2, "expert")
+    assert "mor.capacity" not in by["mor"].overrides
     assert by["vanilla_emb"].overrides["model.embedding_multiplier"] is None
     assert by["vanilla_emb"].args()[-1] == "model.embedding_multiplier=null"
     assert by["pause_emb1"].args()[-1] == "model.embedding_multiplier=1.0"

@@ -49,8 +49,11 @@ from megatron_latentcot.config import (
     ConfigError,
     LatentConfig,
     ModelConfig,
+    MoRConfig,
     config_from_dict,
     load_config,
+    mor_base_depth,
+    mor_capacities,
 )
 from megatron_latentcot.plan import total_params
 
@@ -86,6 +89,8 @@ class Baseline:
     def label(self, setup_k: int) -> str:
         if self.method == "vanilla":
             return "vanilla"
+        if self.method == "mor":
+            return f"mor expert N_r={self.k(setup_k)}"
         return f"{self.method} K={self.k(setup_k)}" + (f" J={self.jacobi}" if self.jacobi else "")
 
 
@@ -100,6 +105,9 @@ BASELINES: tuple[Baseline, ...] = (
     # micro-batch (their 8x = 3 + 2 E[J]); our config runs a fixed J (3 by default).
     Baseline("ponderlm2", max_steps=2, jacobi=2),
     Baseline("ponderlm2", max_steps=2, jacobi=3),
+    # MoR as its authors train it: N_r = 3 recursions of the middle-cycle block, expert-choice
+    # with capacities (1, 2/3, 1/3) (examples/configs/*_mor.yaml).
+    Baseline("mor", max_steps=3),
 )
 # The paper's published training FLOPs (6·N·passes, nominal N, 26.2B tokens; METHOD.md) and the
 # rows of this table they correspond to (several: their mean; none: the paper's setting is not a
@@ -120,11 +128,27 @@ class CompareError(Exception):
 
 # -- parameters ----------------------------------------------------------------------------------
 
+def method_config(m: ModelConfig, method: str = "vanilla", max_steps: int = 1) -> Config:
+    """Model ``m`` trained by ``method`` at K = ``max_steps`` (MoR: N_r = K, expert-choice at
+    the authors' default capacities)."""
+    return Config(model=m, latent=LatentConfig(method=method, max_steps=max_steps),
+                  mor=MoRConfig(num_recursion=max_steps))
+
+
 def param_count(m: ModelConfig, vocab: int, method: str = "vanilla", max_steps: int = 1) -> int:
     """The planner's exact parameter count (:func:`megatron_latentcot.plan.total_params`) of
-    model ``m`` trained by ``method``: the router (adaptive), the K-1 pause embeddings (pause)."""
-    return total_params(Config(model=m, latent=LatentConfig(method=method, max_steps=max_steps)),
-                        vocab)
+    model ``m`` trained by ``method``: the router (adaptive), the K-1 pause embeddings (pause),
+    MoR's physical layers (first, shared block, last) and routers."""
+    return total_params(method_config(m, method, max_steps), vocab)
+
+
+def mor_flops_args(cfg: Config) -> dict[str, Any]:
+    """flops.py's MoR arguments of ``cfg`` (the shared block's depth, expert capacities: None
+    for token-choice); {} for the other methods."""
+    if cfg.latent.method != "mor":
+        return {}
+    return {"base_depth": mor_base_depth(cfg.model.num_layers, cfg.mor.num_recursion),
+            "capacity": mor_capacities(cfg.mor) if cfg.mor.router == "expert" else None}
 
 
 # -- analytic table ------------------------------------------------------------------------------
@@ -165,17 +189,21 @@ def analytic_rows(s: Setup, dists: list[list[float]], tokens: int) -> list[dict[
                  f"adaptive K={s.max_steps} [{','.join(f'{p:g}' for p in d)}]", d) for d in dists]
     for b, label, dist in methods:
         method, k = b.method, b.k(s.max_steps)
+        if method == "mor" and mor_base_depth(s.model.num_layers, k) < 1:
+            continue  # too shallow for a first, a last and a shared block of N_r layers
+        mor = mor_flops_args(method_config(s.model, method, k))
         n = param_count(s.model, s.vocab, method, k)
         exact = flops.train_flops_per_token(s.model, s.vocab, flops.method_counts(
-            method, s.seq, k, dist, s.ptarget, jacobi=b.jacobi), s.seq)
-        npass = flops.passes_per_token(method, k, dist, jacobi=b.jacobi)
+            method, s.seq, k, dist, s.ptarget, jacobi=b.jacobi, **mor), s.seq)
+        npass = flops.passes_per_token(method, k, dist, jacobi=b.jacobi,
+                                       **({"seq": s.seq, **mor} if mor else {}))
         rows.append({"setup": s.name, "method": method, "label": label, "params": n, "K": k,
                      "jacobi": b.jacobi, "passes": npass, "train_flops_per_token": exact,
                      "kaplan_flops_per_token": flops.kaplan_flops_per_token(n, npass),
                      "train_flops_total": exact * tokens,
                      "kaplan_flops_total": flops.kaplan_flops_per_token(n, npass) * tokens,
                      "inference_flops_per_token": flops.inference_flops_per_token(
-                         s.model, s.vocab, method, s.seq, k, dist)})
+                         s.model, s.vocab, method, s.seq, k, dist, **mor)})
     base = rows[0]
     for r in rows:
         r["train_ratio"] = r["train_flops_per_token"] / base["train_flops_per_token"]
@@ -217,6 +245,13 @@ def analytic_markdown(setups: list[Setup], rows: list[dict[str, Any]], tokens: i
              "independent of position). `6·N·passes`: the paper's convention (N = all parameters, "
              "incl. embeddings). Inference: forward only per generated token, K/V cache, context "
              f"seq/2. Totals at {tokens:.3g} training tokens.", ""]
+    if any(r["method"] == "mor" for r in rows):
+        lines += ["MoR (expert-choice, capacities (N_r - r + 1) / N_r): N = its physical parameters "
+                  "(first and last layer, the shared block, the routers); passes = layers run per "
+                  "token over its physical layers; inference at the training capacities' share of "
+                  "tokens per recursion (its decoder routes by the threshold rule, so a trained "
+                  "model's decoding cost may differ). No published MoR figure in the paper's "
+                  "FLOPs list.", ""]
     if any(s.name in PRESETS for s in setups):
         lines += ["Paper (6·N·passes, nominal N, 26.2B tokens): vanilla 1.4B 2.18e20; adaptive 1.4B "
                   "l_max=3 7.47e20 (~3.4 passes); adaptive 410M 2.27e20. The row with last-step "

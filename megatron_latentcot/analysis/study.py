@@ -192,6 +192,32 @@ def matched_layers(target_flops_per_token: float, vocab: int, seq: int = SEQ,
                key=lambda n: (abs(vanilla_flops_per_token(n, vocab, seq) - target_flops_per_token), n))
 
 
+def final_readouts(model, tokens, labels, batch_rows: int = 16):
+    """MoR's readouts: its recursions' states pass no final norm or LM head, so the only
+    readout is the prediction, put at the token's depth (its recursions run); NaN before."""
+    import numpy as np
+    import torch
+
+    from megatron_latentcot.eval.study import Readouts
+    from megatron_latentcot.inference.decoder import training_forward
+
+    k_max = model.scheduler.max_steps
+    nll, steps = [], []
+    for start in range(0, tokens.shape[0], batch_rows):
+        tok, lab = (torch.as_tensor(a[start:start + batch_rows], dtype=torch.long,
+                                    device=model.device) for a in (tokens, labels))
+        tf = training_forward(model.scheduler, tok, lab)
+        logp = torch.log_softmax(tf.logits.double(), dim=-1)
+        nll.append(-logp.gather(-1, lab.unsqueeze(-1)).squeeze(-1).cpu().numpy())
+        steps.append(tf.steps.cpu().numpy())
+    nll_a, steps_a = np.concatenate(nll), np.concatenate(steps)
+    if steps_a.min() < 1 or steps_a.max() > k_max:
+        raise StudyError(f"mor: depths {steps_a.min()}..{steps_a.max()} outside 1..{k_max}")
+    p = np.full((*nll_a.shape, k_max), np.nan)
+    np.put_along_axis(p, (steps_a - 1)[..., None], np.exp(-nll_a)[..., None], axis=-1)
+    return Readouts(np.asarray(tokens), np.asarray(labels), nll_a, steps_a, p)
+
+
 # -- results on disk -----------------------------------------------------------------------------
 
 def result_path(out: Path, name: str) -> Path:
@@ -351,15 +377,32 @@ def evaluate(spec: RunSpec, run_dir: Path, out: Path, data_dir: Path) -> dict[st
     k = 1 if cfg.latent.method == "vanilla" else cfg.latent.max_steps
     seq = cfg.data.seq_length
     ppl, hists, readouts = {}, {}, {}
-    for split, prefix in (("valid", cfg.data.valid_path), ("heldout", cfg.data.heldout_path)):
-        docs = documents_from_indexed(prefix, tok)
+    # MoR expert-choice's top-k (its authors' training and evaluation rule) picks each
+    # recursion's tokens per window, seeing later tokens' router scores; its decoder routes by
+    # the causal threshold rule sigmoid(a) >= 0.5: both perplexities are reported.
+    causal = (cfg.latent.method == "mor" and cfg.mor.router == "expert"
+              and cfg.mor.expert_selection == "topk")
+    ppl_causal: dict[str, Any] = {}
+
+    def perplexity(docs) -> dict[str, Any]:
         r = evaluate_perplexity(model, truncate_documents(docs, EVAL_TOKENS, tok), tok.eod,
                                 window=seq, stride=seq, batch_size=BATCH)
-        ppl[split] = {key: v for key, v in r.to_dict().items()
-                      if key in ("docs", "tokens", "loss", "token_perplexity", "bits_per_byte",
-                                 "mean_steps")}
+        return {key: v for key, v in r.to_dict().items()
+                if key in ("docs", "tokens", "loss", "token_perplexity", "bits_per_byte",
+                           "mean_steps")}
+
+    for split, prefix in (("valid", cfg.data.valid_path), ("heldout", cfg.data.heldout_path)):
+        docs = documents_from_indexed(prefix, tok)
+        ppl[split] = perplexity(docs)
+        if causal:  # the scheduler reads cfg on every forward
+            cfg.mor.expert_selection = "threshold"
+            try:
+                ppl_causal[split] = perplexity(docs)
+            finally:
+                cfg.mor.expert_selection = "topk"
         x, y = stream_rows([d.ids for d in docs], tok.eod, STREAM_ROWS[split], seq)
-        ro = step_readouts(model, x, y, batch_rows=BATCH)
+        ro = (final_readouts if spec.method == "mor" else step_readouts)(
+            model, x, y, batch_rows=BATCH)
         hists[split] = {"mean": float(ro.steps.mean()), "hist": steps_histogram(ro.steps, k),
                         "stream_loss": float(ro.nll.mean())}
         readouts[split] = ro
@@ -390,9 +433,10 @@ def evaluate(spec: RunSpec, run_dir: Path, out: Path, data_dir: Path) -> dict[st
                   "curve": [{"iteration": r["iteration"], "ppl": r["ppl"], "split": split}
                             for split in ("valid", "heldout") for r in metrics.get(split, [])]},
         "eval": ppl, "steps": hists,
+        **({"eval_causal_threshold": ppl_causal} if ppl_causal else {}),
         "inference_flops_per_token": flops.inference_flops_per_token(
             cfg.model, model.vocab_size, spec.method, seq, k,
-            dist if spec.method == "adaptive" else None),
+            dist if spec.method == "adaptive" else None, **compare.mor_flops_args(cfg)),
         "readouts_valid": {key: v for key, v in step_gain_curves(readouts["valid"].p_target).items()
                            if key.startswith("mean_")},
         "eval_wall_s": time.time() - t0, "code": code_version(),
@@ -475,7 +519,7 @@ def analyze(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
             and results[n]["group"] == "vanilla"}
     for name, t in toks.items():
         r = results[name]
-        if t is None or r["method"] != "adaptive":
+        if t is None or r["method"] not in ("adaptive", "mor"):  # MoR: recursions per token
             continue
         entry = {"own_loss": steps_vs_difficulty(t.steps, t.nll, r["max_steps"])}
         for ref_name, ref in refs.items():
@@ -483,14 +527,15 @@ def analyze(results: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
         analysis["correlation"][name] = entry
     analysis["gain_by_reference"] = {}
     for name, t in toks.items():
-        if t is not None and results[name]["max_steps"] > 1:
+        # MoR reads out once (its recursions' states pass no LM head): no step-to-step gain
+        if t is not None and results[name]["max_steps"] > 1 and results[name]["method"] != "mor":
             analysis["gain"][name] = step_gain_curves(t.p_target)
             # binned by an independent difficulty estimate: the other seed's vanilla p_target
             ref = "vanilla_s2" if results[name]["seed"] == SEEDS[0] else "vanilla_s1"
             if toks.get(ref) is not None:
                 analysis["gain_by_reference"][name] = {
                     "reference": ref, **step_gain_curves(t.p_target, by=np.exp(-toks[ref].nll))}
-    final_p = {n: t.p_target[..., -1] if results[n]["method"] != "adaptive" else None
+    final_p = {n: t.p_target[..., -1] if results[n]["method"] not in ("adaptive", "mor") else None
                for n, t in toks.items() if t is not None}
     cross = {}
     if final_p.get("vanilla_s1") is not None:
@@ -547,7 +592,8 @@ def render_markdown(analysis: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append(f"| {g} | {', '.join(s['runs'])} | {ms(s['valid_ppl'])} | "
                      f"{ms(s['heldout_ppl'])} | {s['steps_valid']['mean']:.2f} |")
     lines += ["", "## Steps against difficulty (validation stream)", "",
-              "Spearman ρ between the passes an adaptive model ran for a token and a reference "
+              "Spearman ρ between the passes an adaptive model (MoR: the recursions its router "
+              "chose) ran for a token and a reference "
               "loss on that token (95% interval: bootstrap over rows). Last columns: share of "
               "tokens and mean reference loss (vanilla_s1) per step count.", "",
               "| run | ρ vs vanilla_s1 loss [95% CI] | ρ vs vanilla_s2 loss | ρ vs own loss | "
