@@ -222,6 +222,9 @@ REFUSED = {  # overrides -> what the one line must name
                 "offload_optimizer"),
     "fp16": ({"fp16": {"enabled": True}}, "train.precision"),
     "stage_conflict": ({"zero_optimization": {"stage": 1}}, "contradicts"),
+    "mor_threshold": (["model.num_layers=4", "latent.method=mor", "latent.max_steps=2",
+                       "mor.num_recursion=2", "mor.expert_selection=threshold"],
+                      "mor.expert_selection=threshold"),
 }
 
 
@@ -255,3 +258,33 @@ def test_cli_refuses_pipeline_with_one_line():
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("config error: parallel.zero=deepspeed"), lines
     assert "parallel.pipeline_model_parallel_size=1" in lines[0]
+
+
+def _skip_then_step(stage: int) -> dict[str, Any]:
+    """Two engines from the same init: one backpropagates a batch, skips it (as the loop does
+    on a non-finite loss), then trains on the next; the other trains on the next directly."""
+    from megatron_latentcot.config import load_config
+    from megatron_latentcot.parallel import destroy_distributed, init_distributed
+    from megatron_latentcot.training.loop import Engine
+
+    cfg = load_config(None, TINY + [*ADAPTIVE, *DS, f"parallel.zero_stage={stage}"])
+    ctx = init_distributed(cfg.parallel)
+    first, second = (rank_microbatches(b, cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp_size)
+                     for b in global_batches(2, cfg.train.global_batch_size, cfg.data.seq_length))
+    out = {}
+    for name in ("skipped", "clean"):
+        engine = Engine(cfg, ctx, 128)
+        if name == "skipped":
+            engine.run(first, False)
+            engine.optimizer.skip()
+        out[name] = engine.train_step(second)["grad_norm"]
+    destroy_distributed()
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_skipped_iteration_leaves_no_gradient_behind(deepspeed_installed, stage):
+    """ZeRO-2 accumulates into its own partition buffers across backwards: skipping an
+    iteration must clear them too, or its gradients leak into the next update."""
+    for r in run_distributed(_skip_then_step, 2, stage):
+        assert r["skipped"] == r["clean"], r

@@ -257,8 +257,10 @@ class LatentStepScheduler:
 
     def cache_columns(self, seq: int) -> int:
         """Columns per row of a training micro-batch's K/V cache: every (t, k) slot the latent
-        steps can reach, in the attention backend's widths."""
-        return cache_capacity(self.max_steps * seq, self.stage.attention_backend)
+        steps can reach, and under sequence parallelism the up to TP - 1 padding queries a
+        later step may add to one row (:meth:`_regather`), in the attention backend's widths."""
+        pad = (self.max_steps - 1) * (self.tp_size - 1) if self.stage.sequence_parallel else 0
+        return cache_capacity(self.max_steps * seq + pad, self.stage.attention_backend)
 
     @property
     def cache_across_steps(self) -> bool:

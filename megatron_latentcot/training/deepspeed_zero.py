@@ -90,6 +90,11 @@ def check_config(cfg: Config) -> None:
             f"{par.pipeline_model_parallel_size}): under our pipeline DeepSpeed ZeRO is silently "
             "wrong (grad norm over stages, loss scaling per stage, overlap_comm); use "
             "parallel.zero=fsdp2 with pipeline parallelism")
+    if cfg.latent.method == "mor" and cfg.mor.expert_selection == "threshold":
+        raise ConfigError("parallel.zero=deepspeed: mor.expert_selection=threshold can leave the "
+                          "shared block unused on one data-parallel rank, and DeepSpeed's "
+                          "gradient buckets then differ between ranks; use topk, "
+                          "mor.router=token or parallel.zero=fsdp2")
     if par.sequence_parallel:
         raise ConfigError("parallel.zero=deepspeed: parallel.sequence_parallel is not supported "
                           "(its TP-partial gradients need a TP all-reduce before DeepSpeed's "
@@ -237,8 +242,11 @@ class DeepSpeedOptimizer:
         opt.zero_grad(set_to_none=True)
         for k in list(opt.averaged_gradients):
             opt.averaged_gradients[k] = None
+        for k in list(getattr(opt, "all_grad_tensors", {})):  # ZeRO-2's accumulation buffers
+            opt.all_grad_tensors[k] = None
         if hasattr(opt, "_release_preflattened_grad_buffers"):
             opt._release_preflattened_grad_buffers()
+        self.engine._unmanaged_backward_count = 0  # (it counts samples for the next step)
 
     def step(self, lr: float) -> tuple[float, bool]:
         """Reduce, clip (DeepSpeed's ``gradient_clipping``) and apply at ``lr``. Returns (the

@@ -192,8 +192,8 @@ def _forward_unit(scheduler: LatentStepScheduler, links: _Links, ctx: ParallelCo
     st.units[k] = unit
     if not grad:  # evaluation: only the cache the next step reads is kept
         st.units.pop(k - 1, None)
-        if k == scheduler.max_steps:
-            st.stream = None
+        if k == scheduler.max_steps:  # nothing reads this micro-batch's K/V any more
+            st.units, st.stream = {}, None
     if not last:
         links.send_run(slots, h)
         return
