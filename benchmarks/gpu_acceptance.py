@@ -22,6 +22,10 @@ Checks (issue 22, item 5); ``--cpu-smoke`` runs each at tiny size and still asse
   (bf16, flex on CUDA) saving at iteration 10 -> resume to 20: the losses equal an
   uninterrupted run's (bit for bit; on CUDA within twice the run-to-run noise of two
   uninterrupted runs, which is reported).
+* ``e_methods_flex``: adaptive (compacted and not), latent_fixed, ponderlm2 and mor, whole
+  model in fp32 with two documents per row: flex against SDPA on the same weights, loss (and on
+  CUDA every gradient: compiled flex reading the in-place K/V store's strided views) within
+  the fp32 bound of ``a_flex_vs_sdpa``.
 
 The JSON (``benchmarks/results/gpu_acceptance.json``; ``--cpu-smoke``:
 ``gpu_acceptance_cpu_smoke.json``) is rewritten after every check, so a crash or a timeout
@@ -89,16 +93,19 @@ class Sizes:
     fsdp_model: tuple[int, int, int, int, int, int, int]
     resume_model: tuple[int, int, int, int, int, int, int]
     resume_vocab: int
+    method_model: tuple[int, int, int, int, int, int, int]
 
 
 GPU = Sizes(attn_rows=4, attn_seq=1000, attn_heads=(16, 4, 64), attn_seeds=2,
             model=(1024, 24, 16, 2752, 50304, 2048, 4), adaptive_micro_batch=2, warmup=3,
             repeats=8, fsdp_model=(512, 4, 8, 1376, 8192, 512, 2),
-            resume_model=(256, 4, 4, 688, 0, 256, 4), resume_vocab=2048)
+            resume_model=(256, 4, 4, 688, 0, 256, 4), resume_vocab=2048,
+            method_model=(256, 4, 8, 688, 2048, 1000, 2))
 CPU_SMOKE = Sizes(attn_rows=2, attn_seq=45, attn_heads=(4, 2, 16), attn_seeds=1,
                   model=(64, 2, 4, 160, 512, 64, 2), adaptive_micro_batch=2, warmup=1, repeats=2,
                   fsdp_model=(64, 2, 4, 160, 512, 32, 2),
-                  resume_model=(64, 2, 4, 160, 0, 64, 4), resume_vocab=320)
+                  resume_model=(64, 2, 4, 160, 0, 64, 4), resume_vocab=320,
+                  method_model=(64, 4, 4, 160, 512, 45, 2))
 
 
 def criterion(what: str, value: float | None, op: str, bound: float) -> dict[str, Any]:
@@ -516,7 +523,58 @@ def run_check(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return rec
 
 
-CHECKS = ("a_flex_vs_sdpa", "b_throughput", "c_fsdp2_reduce", "d_resume")
+# -- (e) every latent method through flex ---------------------------------------------------------
+
+METHOD_RUNS = {
+    "adaptive": ["latent.method=adaptive", "latent.max_steps=3", "latent.tau=0.3"],
+    "adaptive uncompacted": ["latent.method=adaptive", "latent.max_steps=3", "latent.tau=0.3",
+                             "latent.compact=false"],
+    "latent_fixed": ["latent.method=latent_fixed", "latent.max_steps=3"],
+    "ponderlm2": ["latent.method=ponderlm2", "latent.max_steps=2"],
+    "mor": ["latent.method=mor", "latent.max_steps=2", "mor.num_recursion=2"],
+}
+
+
+def check_methods_flex(sizes: Sizes, ctx: ParallelContext) -> dict[str, Any]:
+    """Each method's whole-model loss (CUDA: and every gradient) with flex attention against
+    SDPA, same weights, fp32, two documents per row. On CUDA this is compiled flex reading the
+    latent loop's in-place K/V store through its strided views, backward included."""
+    hidden, layers, heads, ffn, vocab, seq, rows = sizes.method_model
+    batch = synthetic_microbatch(rows, seq, vocab, seed=3)
+    batch["doc_ids"] = (torch.arange(seq) >= seq // 3).long().repeat(rows, 1)
+    batch = {k: v.to(ctx.device) for k, v in batch.items()}
+    backward = ctx.device.type == "cuda"
+    tol = FLEX_TOL[torch.float32]
+    crits, runs = [], []
+    for name, extra in METHOD_RUNS.items():
+        engine = _engine(ctx, sizes.method_model, extra, "fp32", "sdpa")
+        stage, results = engine.model, {}
+        for backend in ("sdpa", "flex"):
+            stage.attention_backend = backend
+            stage.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(backward):
+                out = engine.scheduler.forward(batch)
+                if backward:
+                    out.loss.backward()
+            grads = [p.grad.detach().clone() for p in stage.parameters() if p.grad is not None]
+            results[backend] = (out.loss.detach(), grads, float(out.steps.float().mean()))
+        (loss, grads, steps), (ref, ref_grads, ref_steps) = results["flex"], results["sdpa"]
+        loss_err = max_rel_err(loss, ref)
+        grad_err = max((max_rel_err(a, b) for a, b in zip(grads, ref_grads, strict=True)),
+                       default=0.0)
+        crits.append(criterion(f"{name}: loss max rel err", loss_err, "<=", tol))
+        if backward:
+            crits.append(criterion(f"{name}: gradients max rel err", grad_err, "<=", tol))
+        runs.append({"method": name, "loss_rel_err": loss_err, "grad_rel_err": grad_err,
+                     "mean_steps": steps, "mean_steps_sdpa": ref_steps, "loss": float(ref)})
+        del engine
+        free_memory(ctx.device)
+    return {"criteria": crits, "detail": {
+        "shape": dict(zip(("hidden", "layers", "heads", "ffn", "vocab", "seq", "rows"),
+                          sizes.method_model)), "backward": backward, "runs": runs}}
+
+
+CHECKS = ("a_flex_vs_sdpa", "b_throughput", "c_fsdp2_reduce", "d_resume", "e_methods_flex")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             "b_throughput": lambda: check_throughput(sizes, ctx, precision, backend),
             "c_fsdp2_reduce": lambda: check_fsdp(sizes, ctx),
             "d_resume": lambda: check_resume(sizes, device, precision, backend, Path(tmp)),
+            "e_methods_flex": lambda: check_methods_flex(sizes, ctx),
         }
         for name in wanted:
             if time.perf_counter() - start > args.budget_s:
