@@ -120,3 +120,55 @@ def test_decoder_store_grows_geometrically(ctx):
         widths.append(store.k.shape[1])
     assert len(set(widths)) <= 7, widths  # 40 tokens x up to 3 steps: <= 120 columns
     assert widths == sorted(widths)
+
+
+def _sp_store_allocations() -> list[int]:
+    """TP2 with sequence parallelism, K = 2: every token goes on except one of TP rank 0's, so
+    the 15 survivors are padded to 16 and the padding query joins the last row, whose 8 step-1
+    and 8 step-2 keys already fill K x seq columns. Returns each store's allocations."""
+    from megatron_latentcot.config import load_config
+    from megatron_latentcot.model.router import Decision
+    from megatron_latentcot.parallel import destroy_distributed, init_distributed
+    from tests.test_latent_scheduler import BASE, batch, build
+
+    overrides = ["latent.method=adaptive", "latent.max_steps=2", "train.micro_batch_size=2",
+                 "train.global_batch_size=2", "parallel.tensor_model_parallel_size=2",
+                 "parallel.sequence_parallel=true"]
+    ctx = init_distributed(load_config(None, BASE + overrides).parallel)
+    cfg, model, sched = build(ctx, overrides)
+    original = sched._decide
+
+    def decide(z, reach, k):
+        d, g = original(z, reach, k)
+        if k > 1:
+            return d, g
+        keep = torch.ones(reach.numel(), dtype=torch.bool)
+        keep[0] = ctx.tp_rank != 0
+        return Decision(torch.where(keep, d.exit.new_zeros(()), reach), reach * 0.9 * keep,
+                        keep), g
+
+    sched._decide = decide
+    allocations: dict[int, int] = {}
+    reserve = attn.KVStore.reserve
+
+    def counting(self, like, rows, width):
+        before = self.k
+        reserve(self, like, rows, width)
+        if self.k is not before:
+            allocations[id(self)] = allocations.get(id(self), 0) + 1
+
+    attn.KVStore.reserve = counting
+    out = sched.forward(batch(rows=2, seq=8))
+    out.loss.backward()
+    destroy_distributed()
+    assert [r.live for r in out.records] == [16, 15]
+    return list(allocations.values())
+
+
+def test_sequence_parallel_padding_fits_the_store():
+    """The store's columns count the padding queries sequence parallelism adds to one row, so
+    no store is reallocated (a reallocation keeps the old store alive through saved views)."""
+    from tests.dist_utils import run_distributed
+
+    for counts in run_distributed(_sp_store_allocations, 2):
+        assert counts and set(counts) == {1}, counts
