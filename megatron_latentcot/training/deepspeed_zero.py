@@ -275,7 +275,7 @@ class DeepSpeedOptimizer:
         self.optimizer.load_state_dict(states, load_optimizer_states=True,
                                        load_from_fp32_weights=True)
 
-    def refresh_master_weights(self) -> None:
+    def weights_loaded(self) -> None:
         """Copy the model's weights into DeepSpeed's fp32 partitions (after they were loaded
         from elsewhere, ``train.init_from``)."""
         self.optimizer.refresh_fp32_params()

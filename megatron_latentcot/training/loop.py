@@ -198,8 +198,7 @@ class Trainer:
             elif tr.init_from:  # a new run from pretrained weights (training/init_from.py)
                 with self.engine.guard.phase("train.init_from load"):
                     self._init_from(tr.init_from)
-                    if isinstance(self.engine.optimizer, DeepSpeedOptimizer):
-                        self.engine.optimizer.refresh_master_weights()
+                    self.engine.optimizer.weights_loaded()
         except BaseException:
             self._release()
             raise
@@ -434,10 +433,7 @@ class Trainer:
         error = None
         try:  # a rank that cannot take its share must not leave the others waiting
             ckpt.restore_model(self.engine.model, payload["model"])
-            if isinstance(self.engine.optimizer, DeepSpeedOptimizer):
-                self.engine.optimizer.load_state_dict(payload["optimizer"])
-            else:
-                ckpt.restore_optimizer(self.engine.optimizer.optimizer, payload["optimizer"])
+            self.engine.optimizer.load_state_dict(payload["optimizer"])
             self.engine.state = TrainState(**payload["state"])
         except ckpt.CheckpointError as e:
             error = f"{path}: {e}"

@@ -217,6 +217,16 @@ class Optimizer:
         """What a checkpoint saves of the optimizer (AdamW's own state dict)."""
         return self.optimizer.state_dict()
 
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's :meth:`state_dict`, re-wrapped for FSDP2-sharded parameters."""
+        from megatron_latentcot.training.checkpoint import restore_optimizer
+
+        restore_optimizer(self.optimizer, state)
+
+    def weights_loaded(self) -> None:
+        """The model's weights were replaced from outside (``train.init_from``): nothing to
+        do, the parameters are the optimizer's master weights."""
+
     def local_state_numel(self) -> int:
         """Elements of optimizer state held by this rank (ZeRO shards it ~1/DP)."""
         n = 0
