@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     threads = configure_threads(args.threads)
     warn_if_busy()
     from megatron_latentcot.config import load_config
-    from megatron_latentcot.model.llama import LlamaStage, init_weights, padded_vocab_size
+    from megatron_latentcot.model.llama import LlamaStage, init_weights
     from megatron_latentcot.plan import total_params
+    from megatron_latentcot.vocab import padded_vocab_size
 
     overrides = ["parallel.sequence_parallel=false"]
     if args.quick:  # a quarter of the layers: the same per-layer work, a smoke run

@@ -73,7 +73,7 @@ def test_blend_weights_that_do_not_parse_or_sum_to_zero(blend, message):
 
 
 def test_vocab_smaller_than_tokenizer_is_an_error():
-    from megatron_latentcot.model.llama import padded_vocab_size
+    from megatron_latentcot.vocab import padded_vocab_size
 
     cfg = load_config(None, ["model.vocab_size=100"])
     with pytest.raises(ConfigError, match="model.vocab_size"):

@@ -123,10 +123,10 @@ def _parallel_loss(source: str, config: str, overrides: list[str], tokens: torch
     """The imported model's mean LM loss under a parallel layout, started by train.init_from."""
     from megatron_latentcot.config import load_config
     from megatron_latentcot.data.tokenizer import build_tokenizer
-    from megatron_latentcot.model.llama import padded_vocab_size
     from megatron_latentcot.parallel import destroy_distributed, init_distributed
     from megatron_latentcot.training import init_from
     from megatron_latentcot.training.loop import Engine
+    from megatron_latentcot.vocab import padded_vocab_size
 
     cfg = load_config(config, overrides)
     ctx = init_distributed(cfg.parallel)

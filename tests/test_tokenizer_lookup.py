@@ -85,14 +85,19 @@ def test_resolve_vocab_pads_the_pair_and_names_what_is_missing(pair):
                                          f"data.tokenizer_model={pair.parent}"]), 1)
 
 
-def test_padding_equals_training_and_imports_no_megatron_core(pair):
-    from megatron_latentcot.model.llama import padded_vocab_size as training
+def test_padding_is_megatrons_and_imports_no_megatron_core(pair):
+    """The one padding rule (training, planner and tools all call it): ``model.vocab_size``
+    when set, else the smallest multiple of make_vocab_size_divisible_by x TP that holds the
+    tokenizer's ids (Megatron's: GPT-2's 50257 -> 50304)."""
     from megatron_latentcot.vocab import padded_vocab_size
 
     for overrides in ([], ["model.make_vocab_size_divisible_by=64"], ["model.vocab_size=60000"]):
         m = load_config(None, overrides).model
         for raw, tp in ((50257, 1), (50257, 4), (96, 2), (4096, 8)):
-            assert padded_vocab_size(m, raw, tp) == training(m, raw, tp)
+            step = m.make_vocab_size_divisible_by * tp
+            want = m.vocab_size or next(n for n in range(raw, raw + step) if n % step == 0)
+            assert padded_vocab_size(m, raw, tp) == want
+    assert padded_vocab_size(load_config(None, []).model, 50257, 1) == 50304
     code = ("import sys; from megatron_latentcot.config import Config; "  # (not load_config:
             "from megatron_latentcot.vocab import resolve_vocab; "  # its checks are not ours)
             f"cfg = Config(); cfg.data.tokenizer_type = 'gpt2bpe'; cfg.data.tokenizer_model = '{pair}'; "

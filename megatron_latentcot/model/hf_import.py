@@ -244,8 +244,8 @@ def import_hf(model_dir: str | Path, run_dir: str | Path,
         load_logical_state,
         world_of_one,
     )
-    from megatron_latentcot.model.llama import padded_vocab_size
     from megatron_latentcot.training import checkpoint as ckpt
+    from megatron_latentcot.vocab import padded_vocab_size
 
     src, out = Path(model_dir), Path(run_dir)
     if out.exists() and any(out.iterdir()):

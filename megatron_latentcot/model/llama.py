@@ -33,7 +33,6 @@ from megatron_latentcot.config import Config, ModelConfig
 from megatron_latentcot.model.attention import AttentionPlan, KVStore, attention, cache_keys
 from megatron_latentcot.model.router import Router
 from megatron_latentcot.parallel import ParallelContext
-from megatron_latentcot.vocab import padded_vocab_size  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from megatron_latentcot.model.latent import KVStream

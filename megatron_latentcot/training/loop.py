@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron_latentcot.config import Config, ConfigError
 from megatron_latentcot.flops import peak_tflops
 from megatron_latentcot.model.latent import LatentStepScheduler
-from megatron_latentcot.model.llama import LlamaStage, init_weights, padded_vocab_size
+from megatron_latentcot.model.llama import LlamaStage, init_weights
 from megatron_latentcot.parallel import LaunchError, ParallelContext, init_distributed
 from megatron_latentcot.training import checkpoint as ckpt
 from megatron_latentcot.training import latent_pipeline
@@ -53,6 +53,7 @@ from megatron_latentcot.training.metrics import (
 )
 from megatron_latentcot.training.optimizer import Optimizer, no_weight_decay
 from megatron_latentcot.training.pipeline import forward_backward
+from megatron_latentcot.vocab import padded_vocab_size
 
 
 @dataclasses.dataclass
