@@ -173,8 +173,8 @@ def mask_row(name: str, seq: int, rows: int, k: int, plan: AttentionPlan, rates:
             "kv_copy_over_step": cfg.num_layers * (cat + gather) / HBM / step_s,
             # what the old layout kept for backward: the step's row copy of the whole cache
             "kv_held_old_bytes": 0 if k == 1 else cfg.num_layers * kv_row * lay.k_pos.numel(),
-            "kv_store_bytes": cfg.num_layers * kv_row * rows * attn.cache_capacity(
-                len(FRACTIONS) * seq, "flex")}
+            "kv_store_bytes": cfg.num_layers * kv_row * rows * attn.latent_cache_columns(
+                len(FRACTIONS), seq, "flex")}
 
 
 KV_COLUMNS = [("model", "model", ""), ("seq", "T", ""), ("rows", "B", ""),

@@ -306,13 +306,15 @@ def step_shared_bytes(step: Step, dm: Dims, backend: str, rows: int) -> float:
 def kv_store_bytes(cfg: Config, dm: Dims, rows: int) -> float:
     """One layer's in-place K/V cache of a latent-loop micro-batch (``model.attention.KVStore``):
     keys and values for every (t, k) slot the steps can reach, allocated at step 1 whatever
-    the router then decides; 0 for methods without one."""
-    from megatron_latentcot.model.attention import cache_capacity
+    the router then decides (sequence parallelism's padding keys included); 0 for methods
+    without one."""
+    from megatron_latentcot.model.attention import latent_cache_columns
 
     lat = cfg.latent
     if lat.method not in ("latent_fixed", "adaptive") or lat.max_steps == 1:
         return 0.0
-    columns = cache_capacity(lat.max_steps * cfg.data.seq_length, lat.attention_backend)
+    columns = latent_cache_columns(lat.max_steps, cfg.data.seq_length, lat.attention_backend,
+                                   dm.sp)
     return 2 * dm.a * dm.hkv * rows * columns
 
 

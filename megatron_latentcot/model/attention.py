@@ -343,6 +343,13 @@ def cache_capacity(keys: int, backend: str) -> int:
     return flex_width(keys) if backend == "flex" else keys
 
 
+def latent_cache_columns(max_steps: int, seq: int, backend: str, sp_size: int = 1) -> int:
+    """Columns per row of a latent-loop micro-batch's :class:`KVStore`: every (t, k) slot the
+    steps can reach, and under sequence parallelism over ``sp_size`` ranks the up to
+    ``sp_size - 1`` padding queries each later step may add to one row."""
+    return cache_capacity(max_steps * seq + (max_steps - 1) * (sp_size - 1), backend)
+
+
 class KVStore:
     """One layer's K/V of one stream (a training micro-batch's latent steps, or a decoder's
     rows), preallocated ``[rows, capacity, Hkv, D]`` in :func:`key_layout`'s row layout: column

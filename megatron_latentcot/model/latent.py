@@ -31,8 +31,8 @@ from megatron_latentcot.model import baselines, mor
 from megatron_latentcot.model.attention import (
     AttentionPlan,
     KVStore,
-    cache_capacity,
     causal_plan,
+    latent_cache_columns,
     latent_plan,
     visible_pairs,
 )
@@ -242,25 +242,22 @@ class LatentStepScheduler:
         """One stage's pass of micro-batch ``mb`` in a one-pass pipeline schedule: a middle
         stage of a K = 1 model, or the whole model; returns (output or loss, stats)."""
         if not self.stage.post_process:
-            return self._token_pass(mb, x)[0], {}
+            return self._token_pass(mb, x), {}
         out = self.forward(mb, x)
         return out.loss, self.stats(out, mb)
 
-    def _token_pass(self, mb: dict, x: torch.Tensor | None):
+    def _token_pass(self, mb: dict, x: torch.Tensor | None) -> torch.Tensor:
         stage, tokens = self.stage, mb["tokens"]
         rows, seq = tokens.shape
         positions = torch.arange(seq, device=tokens.device).repeat(rows)
         plan = causal_plan(rows, seq, mb.get("doc_ids"), stage.attention_backend)
         h = stage.embed(tokens.reshape(-1)) if stage.pre_process else x
-        h, kv = stage.run_layers(h, positions, plan)
-        return h, kv, plan
+        return stage.run_layers(h, positions, plan)[0]
 
     def cache_columns(self, seq: int) -> int:
-        """Columns per row of a training micro-batch's K/V cache: every (t, k) slot the latent
-        steps can reach, and under sequence parallelism the up to TP - 1 padding queries a
-        later step may add to one row (:meth:`_regather`), in the attention backend's widths."""
-        pad = (self.max_steps - 1) * (self.tp_size - 1) if self.stage.sequence_parallel else 0
-        return cache_capacity(self.max_steps * seq + pad, self.stage.attention_backend)
+        """Columns per row of a training micro-batch's K/V cache (SP padding: :meth:`_regather`)."""
+        return latent_cache_columns(self.max_steps, seq, self.stage.attention_backend,
+                                    self.tp_size if self.stage.sequence_parallel else 1)
 
     @property
     def cache_across_steps(self) -> bool:
