@@ -288,3 +288,21 @@ def test_a_skipped_iteration_leaves_no_gradient_behind(deepspeed_installed, stag
     iteration must clear them too, or its gradients leak into the next update."""
     for r in run_distributed(_skip_then_step, 2, stage):
         assert r["skipped"] == r["clean"], r
+
+
+def test_unreadable_deepspeed_config_is_one_line(tmp_path):
+    """A missing file, a file that is not JSON and JSON that is not an object each give one
+    ``parallel.deepspeed_config`` line naming the file, never a traceback from the parser."""
+    from megatron_latentcot.config import ConfigError, load_config
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{stage: 2")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    for path, needle in ((tmp_path / "missing.json", "cannot read"), (bad, "is not JSON"),
+                         (listed, "must hold a JSON object")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, TINY + DS + [f"parallel.deepspeed_config={path}"])
+        msg = str(err.value)
+        assert msg.startswith("parallel.deepspeed_config:") and str(path) in msg, msg
+        assert needle in msg and "\n" not in msg, msg
